@@ -1,0 +1,12 @@
+"""refimpl: reference implementations for KL-constrained reward maximization with language models.
+
+Modules: :mod:`refimpl.kl` (the exact optimum), :mod:`refimpl.lm` (log-probs, sampling,
+embeddings for any causal LM), :mod:`refimpl.models` (toy models and ``load_model``),
+:mod:`refimpl.worlds` (the exact world and the arithmetic task world).
+"""
+from . import config, kl, lm, models, worlds
+from .config import get_scale
+from .models import load_model
+
+__all__ = ["config", "kl", "lm", "models", "worlds", "get_scale", "load_model"]
+__version__ = "0.1.0"

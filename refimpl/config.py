@@ -1,0 +1,68 @@
+"""One place for sizes: ``REFIMPL_SCALE`` selects ``smoke`` (default, CPU minutes) or ``full`` (GPU).
+
+Every notebook and script reads its sizes from :func:`get_scale`, so switching the whole book
+to the large setting is one environment variable::
+
+    REFIMPL_SCALE=full python scripts/run_full.py
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Scale", "SCALES", "get_scale", "cache_dir", "default_device", "quiet"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes that change between the CPU (smoke) and GPU (full) settings."""
+
+    name: str
+    arith_layers: int  # transformer blocks of the task-world model
+    arith_width: int  # hidden size d of the task-world model
+    arith_heads: int  # attention heads of the task-world model
+    arith_steps: int  # pretraining steps of the task-world model
+    arith_batch: int  # pretraining batch (sequences)
+    samples_per_prompt: int  # completions drawn per prompt in the chapters
+    seeds: int  # independent seeds for spreads and confidence intervals
+
+
+SCALES: dict[str, Scale] = {
+    "smoke": Scale("smoke", arith_layers=3, arith_width=128, arith_heads=4, arith_steps=1100,
+                   arith_batch=256, samples_per_prompt=96, seeds=3),
+    "full": Scale("full", arith_layers=8, arith_width=512, arith_heads=8, arith_steps=6000,
+                  arith_batch=512, samples_per_prompt=400, seeds=10),
+}
+
+
+def get_scale(name: str | None = None) -> Scale:
+    """The :class:`Scale` named by ``name`` or by ``$REFIMPL_SCALE`` (default ``smoke``)."""
+    name = name if name is not None else os.environ.get("REFIMPL_SCALE", "smoke")
+    if name not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {name!r} (REFIMPL_SCALE)")
+    return SCALES[name]
+
+
+def cache_dir() -> Path:
+    """Where trained toy models are cached: ``$REFIMPL_CACHE`` or ``~/.cache/refimpl``."""
+    root = os.environ.get("REFIMPL_CACHE") or Path.home() / ".cache" / "refimpl"
+    return Path(root)
+
+
+def default_device() -> torch.device:
+    """``$REFIMPL_DEVICE`` if set, else CUDA when available, else CPU."""
+    name = os.environ.get("REFIMPL_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quiet() -> None:
+    """Silence transformers' warnings and progress bars (for notebooks whose outputs are compared)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()

@@ -1,0 +1,168 @@
+r"""Loading models: the project's own toy models, or any Hugging Face causal LM by name.
+
+``load_model("refimpl/toy-arith")`` trains (once, deterministically) or loads from the cache a
+small GPT-2 on the arithmetic corpus; ``load_model("refimpl/toy-exact")`` does the same for the
+exact world's tiny model. Both are saved with ``save_pretrained`` and read back through
+``AutoModelForCausalLM.from_pretrained`` -- the path a hub id takes -- so
+``load_model("Qwen/Qwen2.5-0.5B")`` works the same way where the network is available.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import Scale, cache_dir, get_scale
+
+__all__ = ["load_model", "toy_model_path", "pretrain", "TOY_MODELS"]
+
+FORMAT_VERSION = 1  # bump when a toy model's recipe changes, so caches are rebuilt
+
+
+def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: float, seed: int,
+             warmup: int = 100) -> list[float]:
+    """Next-token pretraining: AdamW, linear warmup then cosine decay, gradient clip 1.0.
+
+    Args:
+        batches: ``step -> [B, L]`` token ids (no padding; every position is trained).
+
+    Returns:
+        The loss at every step.
+    """
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+    )
+    model.train()
+    losses = []
+    for step in range(steps):
+        ids = batches(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _gpt2(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: int, tokenizer, eos_id):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _build_arith(scale: Scale, out: Path) -> dict:
+    from .worlds import arith
+
+    cfg = arith.ArithConfig()
+    tok = arith.build_tokenizer(cfg)
+    stop_id = tok.convert_tokens_to_ids(arith.STOP)
+    torch.manual_seed(0)
+    model = _gpt2(len(tok), scale.arith_layers, scale.arith_width, scale.arith_heads, 32, tok, stop_id)
+    lines = arith.corpus(scale.arith_steps * scale.arith_batch, seed=1234, cfg=cfg)
+    data = tok(lines, return_tensors="pt")["input_ids"]  # [n, L]: every line has the same length
+    batches = lambda s: data[s * scale.arith_batch : (s + 1) * scale.arith_batch]
+    losses = pretrain(model, batches, scale.arith_steps, lr=2e-3, seed=0)
+    model.generation_config.eos_token_id = stop_id  # sampling stops at ';'
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"final_loss": sum(losses[-50:]) / 50, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _build_exact(scale: Scale, out: Path) -> dict:
+    from .worlds import exact
+
+    tok = exact.build_tokenizer()
+    torch.manual_seed(0)
+    model = _gpt2(len(tok), 2, 32, 2, 16, tok, None)
+    data = exact.corpus(n_lines=300 * 64, seed=7)  # [n, L] ids from a random Markov chain
+    losses = pretrain(model, lambda s: data[s * 64 : (s + 1) * 64], 300, lr=3e-3, seed=0, warmup=20)
+    model.generation_config.eos_token_id = None  # fixed-length completions: no stop token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"final_loss": sum(losses[-20:]) / 20, "params": sum(p.numel() for p in model.parameters())}
+
+
+TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
+    "refimpl/toy-arith": _build_arith,
+    "refimpl/toy-exact": _build_exact,
+}
+
+
+def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
+    """The cache folder of toy model ``name``, training it first if it is not there.
+
+    Training is deterministic (seeded, single process); the folder is written under a temporary
+    name and renamed into place, so a crash or a concurrent build never leaves a half-written model.
+    """
+    if name not in TOY_MODELS:
+        raise ValueError(f"unknown toy model {name!r}; known: {sorted(TOY_MODELS)}")
+    scale = scale if isinstance(scale, Scale) else get_scale(scale)
+    scale_dep = name != "refimpl/toy-exact"  # the exact world's model is the same at every scale
+    recipe = [name, scale.__dict__ if scale_dep else None, FORMAT_VERSION]
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"{name.split('/')[-1]}-{scale.name if scale_dep else 'any'}-{key}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        info = TOY_MODELS[name](scale, tmp)
+        (tmp / "refimpl_info.json").write_text(json.dumps({"name": name, "scale": scale.name, **info}, indent=1))
+        try:
+            os.replace(tmp, path)  # atomic on POSIX when path does not exist yet
+        except OSError:
+            if not (path / "config.json").exists():  # someone else won the race only if it's complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_model(name_or_path: str, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None, scale: Scale | str | None = None):
+    """(model, tokenizer) for a toy model name, a local folder, or a Hugging Face hub id.
+
+    Args:
+        name_or_path: ``"refimpl/toy-arith"``, ``"refimpl/toy-exact"``, a folder written by
+            ``save_pretrained``, or a hub id such as ``"Qwen/Qwen2.5-0.5B"``.
+        device: where to put the model (default: CUDA if available, else CPU).
+        dtype: parameter dtype (default float32).
+        scale: toy models only: ``"smoke"``/``"full"`` (default ``$REFIMPL_SCALE``).
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode and the tokenizer left-padding.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import default_device
+
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
+    path = toy_model_path(str(name_or_path), scale) if str(name_or_path) in TOY_MODELS else name_or_path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # many hub models ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device if device is not None else default_device()).eval()
+    return model, tokenizer

@@ -1,0 +1,4 @@
+"""Toy worlds: an exact world (every sequence enumerable) and an arithmetic task world."""
+from . import arith, exact
+
+__all__ = ["arith", "exact"]

@@ -29,7 +29,7 @@ def run(*cmd: str | Path, env: dict | None = None) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, env=env)
 
 
-def setup(extras: str) -> None:
+def setup(extras: str = "book,test") -> None:
     """Create/reuse .venv; pin torch first; install refimpl with the given extras."""
     if sys.version_info < (3, 11):
         sys.exit("Python >= 3.11 is required")
@@ -57,13 +57,13 @@ def env() -> dict:
 
 
 def book() -> None:
-    setup("book")
-    run(PY, "-m", "jupyter_book", "build", ".", "-W", "-n", "--keep-going", env=env())
+    setup()
+    run(PY.parent / "jupyter-book", "build", ".", "-W", "--keep-going", env=env())
     print(f"book: {ROOT / '_build' / 'html' / 'index.html'}")
 
 
 def test() -> None:
-    setup("book,test")
+    setup()
     e = env()
     run(PY, "-m", "pytest", "tests", "-q", env=e)
     run(PY, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
@@ -72,12 +72,12 @@ def test() -> None:
 
 def execute(md: Path, e: dict) -> None:
     """Execute the .md source into its paired .ipynb (outputs included), then sync the pair."""
-    run(PY, "-m", "jupytext", "--to", "ipynb", "--update", "--execute", "--set-kernel", "python3", md, env=e)
+    run(PY, "-m", "jupytext", "--to", "ipynb", "--execute", "--set-kernel", "python3", md, env=e)
     run(PY, "-m", "jupytext", "--sync", md, env=e)
 
 
 def sync(paths: list[str]) -> None:
-    setup("book,test")
+    setup()
     e = env()
     mds = [Path(p) if p.endswith(".md") else NOTEBOOKS / f"{p}.md" for p in paths] or sorted(NOTEBOOKS.glob("*.md"))
     for md in mds:
@@ -93,7 +93,7 @@ def main() -> None:
     elif task == "test":
         test()
     elif task == "setup":
-        setup("book,test")
+        setup()
     else:
         sync(args)
 

@@ -4,9 +4,9 @@ Modules: :mod:`refimpl.kl` (the exact optimum), :mod:`refimpl.lm` (log-probs, sa
 embeddings for any causal LM), :mod:`refimpl.models` (toy models and ``load_model``),
 :mod:`refimpl.worlds` (the exact world and the arithmetic task world).
 """
-from . import config, kl, lm, models, worlds
+from . import config, kl, lm, metrics, models, worlds
 from .config import get_scale
 from .models import load_model
 
-__all__ = ["config", "kl", "lm", "models", "worlds", "get_scale", "load_model"]
+__all__ = ["config", "kl", "lm", "metrics", "models", "worlds", "get_scale", "load_model"]
 __version__ = "0.1.0"

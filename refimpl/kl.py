@@ -6,7 +6,8 @@ The book's central object (chapter :ref:`kl-optimum`) is the maximiser of
 
 namely :math:`\pi^*(y) = \pi_{\mathrm{ref}}(y)\,e^{r(y)/\beta} / Z` with
 :math:`Z = \sum_y \pi_{\mathrm{ref}}(y)\,e^{r(y)/\beta}` and :math:`J(\pi^*) = \beta \log Z`.
-Every function works in log space, is batched over leading dimensions, and is differentiable.
+Every function works in log space, is batched over leading dimensions (which broadcast), and
+is differentiable.
 """
 from __future__ import annotations
 
@@ -38,12 +39,20 @@ def _check_same_shape(**tensors: Tensor) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.dim() == 0:
             raise ValueError(f"{name} must have at least one dimension (the support)")
+    # Leading (batch) dimensions broadcast; the support (last dim) must match exactly.
     first = tensors[names[0]]
     for name in names[1:]:
-        if tensors[name].shape != first.shape:
+        t = tensors[name]
+        try:
+            torch.broadcast_shapes(t.shape, first.shape)
+        except RuntimeError:
+            ok = False
+        else:
+            ok = t.shape[-1] == first.shape[-1]
+        if not ok:
             raise ValueError(
-                f"{name} has shape {tuple(tensors[name].shape)} but {names[0]} has "
-                f"shape {tuple(first.shape)}"
+                f"{name} has shape {tuple(t.shape)} but {names[0]} has shape {tuple(first.shape)}: "
+                "the last (support) dimension must match and leading dimensions must broadcast"
             )
 
 
@@ -118,7 +127,7 @@ def regularized_objective(logp: Tensor, logp_ref: Tensor, reward: Tensor, beta: 
 
 
 def total_variation(logp: Tensor, logq: Tensor) -> Tensor:
-    r"""TV(p, q) = ½ sum_y |p(y) - q(y)|.
+    r"""TV(p, q) = ½ sum_y abs(p(y) - q(y)).
 
     Args:
         logp: [..., N] log p.

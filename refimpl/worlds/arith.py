@@ -36,6 +36,7 @@ __all__ = [
     "hidden_score",
     "preference_label",
     "STOP",
+    "verdict_probability",
 ]
 
 STOP = ";"  # generation stops here; the verdict that follows in the corpus is never sampled
@@ -241,7 +242,7 @@ def reward(texts: list[str], targets: list[int] | Tensor, device: torch.device |
 
 
 def hidden_score(texts: list[str], targets: list[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
-    """The preference variant's hidden quality: -|value - target| (capped at 10), -10 if malformed.
+    """The preference variant's hidden quality: -min(abs(value - target), 10), or -10 if malformed.
 
     Graded, unlike :func:`reward`: a near miss beats a far miss. Preference labels are drawn from
     it by Bradley-Terry (:func:`preference_label`); probes never see it directly.
@@ -267,3 +268,23 @@ def preference_label(score_a: Tensor, score_b: Tensor, generator: torch.Generato
     p = torch.sigmoid(score_a - score_b)
     u = torch.rand(p.shape, generator=generator, device=p.device if generator is None else generator.device)
     return (u.to(p.device) < p).float()
+
+
+@torch.no_grad()
+def verdict_probability(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor,
+                        completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+    """The model's own verdict P(Y | x, y) / (P(Y | x, y) + P(N | x, y)) after the stop token.
+
+    The sampler never generates the verdict; this reads what the model would have said, the
+    zero-training "self-verification" score that a Q-probe is compared against.
+
+    Returns:
+        [B] probabilities in [0, 1].
+    """
+    from .. import lm
+
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("Y", "N")]
+    logits = lm._forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
+    last = prompt_ids.shape[1] - 1 + completion_mask.long().sum(1)  # [B] position of the stop token
+    logits = logits[torch.arange(logits.shape[0], device=logits.device), last][:, ids].float()
+    return torch.softmax(logits, -1)[:, 0]

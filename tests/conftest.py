@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests train (or reuse) the toy models in the repository's own cache unless told otherwise.
+os.environ.setdefault("REFIMPL_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "refimpl"))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def exact_world():
+    from refimpl.worlds import exact
+
+    return exact.make_world(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def arith_model():
+    from refimpl import config, load_model
+
+    config.quiet()
+    return load_model("refimpl/toy-arith", device="cpu")

@@ -2,11 +2,12 @@
 
 Modules: :mod:`refimpl.kl` (the exact optimum), :mod:`refimpl.lm` (log-probs, sampling,
 embeddings for any causal LM), :mod:`refimpl.models` (toy models and ``load_model``),
-:mod:`refimpl.worlds` (the exact world and the arithmetic task world).
+:mod:`refimpl.worlds` (the exact world and the arithmetic task world); one module per method:
+:mod:`refimpl.qprobe`, :mod:`refimpl.gvpo` (and :mod:`refimpl.trl_gvpo` on TRL), :mod:`refimpl.idle`.
 """
-from . import config, kl, lm, metrics, models, worlds
+from . import config, gvpo, kl, lm, metrics, models, qprobe, rft, worlds
 from .config import get_scale
 from .models import load_model
 
-__all__ = ["config", "kl", "lm", "metrics", "models", "worlds", "get_scale", "load_model"]
+__all__ = ["config", "gvpo", "kl", "lm", "metrics", "models", "qprobe", "rft", "worlds", "get_scale", "load_model"]
 __version__ = "0.1.0"

@@ -66,23 +66,35 @@ def _gpt2(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: 
     return GPT2LMHeadModel(cfg)
 
 
-def _build_arith(scale: Scale, out: Path) -> dict:
+def _build_arith(scale: Scale, out: Path, layers: int | None = None, width: int | None = None,
+                 heads: int | None = None, steps: int | None = None, batch: int | None = None,
+                 seed: int = 0, corpus_seed: int = 1234) -> dict:
     from .worlds import arith
 
+    layers, width, heads = layers or scale.arith_layers, width or scale.arith_width, heads or scale.arith_heads
+    steps, batch = steps or scale.arith_steps, batch or scale.arith_batch
     cfg = arith.ArithConfig()
     tok = arith.build_tokenizer(cfg)
     stop_id = tok.convert_tokens_to_ids(arith.STOP)
-    torch.manual_seed(0)
-    model = _gpt2(len(tok), scale.arith_layers, scale.arith_width, scale.arith_heads, 32, tok, stop_id)
-    lines = arith.corpus(scale.arith_steps * scale.arith_batch, seed=1234, cfg=cfg)
+    torch.manual_seed(seed)
+    model = _gpt2(len(tok), layers, width, heads, 32, tok, stop_id)
+    lines = arith.corpus(steps * batch, seed=corpus_seed, cfg=cfg)
     data = tok(lines, return_tensors="pt")["input_ids"]  # [n, L]: every line has the same length
-    batches = lambda s: data[s * scale.arith_batch : (s + 1) * scale.arith_batch]
-    losses = pretrain(model, batches, scale.arith_steps, lr=2e-3, seed=0)
+    batches = lambda s: data[s * batch : (s + 1) * batch]
+    losses = pretrain(model, batches, steps, lr=2e-3, seed=seed)
     model.generation_config.eos_token_id = stop_id  # sampling stops at ';'
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"final_loss": sum(losses[-50:]) / 50, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _build_arith_alt(scale: Scale, out: Path) -> dict:
+    """A second, smaller arithmetic model (other seeds, other corpus draw): the Q-probe chapter's
+    "API" embedder, a model that did not generate the samples it scores."""
+    return _build_arith(scale, out, layers=max(2, scale.arith_layers - 1), width=scale.arith_width // 2,
+                        heads=max(2, scale.arith_heads // 2), steps=scale.arith_steps * 2 // 3,
+                        batch=scale.arith_batch // 2, seed=1, corpus_seed=4321)
 
 
 def _build_exact(scale: Scale, out: Path) -> dict:
@@ -102,6 +114,7 @@ def _build_exact(scale: Scale, out: Path) -> dict:
 
 TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
     "refimpl/toy-arith": _build_arith,
+    "refimpl/toy-arith-alt": _build_arith_alt,
     "refimpl/toy-exact": _build_exact,
 }
 

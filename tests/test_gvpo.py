@@ -1,0 +1,210 @@
+"""Tests of refimpl.gvpo: the gradient identity, invariances, convergence to pi*, baselines, validation."""
+import math
+
+import pytest
+import torch
+
+from refimpl import gvpo, kl
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one CPU thread is faster than two contending ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _groups(P=3, k=5, seed=0, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-3 * torch.rand(P, k, generator=g, dtype=dtype)).to(device).requires_grad_(True)
+    logp_anchor = (-3 * torch.rand(P, k, generator=g, dtype=dtype)).to(device)
+    rewards = torch.rand(P, k, generator=g, dtype=dtype).to(device)
+    return logp, logp_anchor, rewards
+
+
+def test_gradient_identity_with_respect_to_logp():
+    logp, logp_anchor, rewards = _groups()
+    beta = 0.3
+    gvpo.gvpo_loss(logp, logp_anchor, rewards, beta).backward()
+    P, k = logp.shape
+    w = gvpo.gvpo_weights(logp, logp_anchor, rewards, beta)
+    expected = -beta / (k - 1) * w / P  # d L / d logp_i
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_gradient_identity_through_a_policy():
+    """∇_theta L = -beta/(k-1) · sum_i w_i ∇_theta log pi_theta(y_i) / P for a softmax policy."""
+    g = torch.Generator().manual_seed(1)
+    P, N, k, beta = 2, 7, 4, 0.2
+    theta = torch.randn(P, N, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(N, (P, k), generator=g)
+    rows = torch.arange(P).unsqueeze(1)
+    logp_anchor = torch.log_softmax(torch.randn(P, N, generator=g, dtype=torch.float64), -1)[rows, idx]
+    rewards = torch.rand(P, k, generator=g, dtype=torch.float64)
+    logp = torch.log_softmax(theta, -1)[rows, idx]
+    (grad,) = torch.autograd.grad(gvpo.gvpo_loss(logp, logp_anchor, rewards, beta), theta, retain_graph=True)
+    w = gvpo.gvpo_weights(logp, logp_anchor, rewards, beta)
+    formula = torch.zeros_like(theta)
+    for p in range(P):
+        for i in range(k):
+            (g_i,) = torch.autograd.grad(logp[p, i], theta, retain_graph=True)
+            formula -= beta / (k - 1) * w[p, i] * g_i / P
+    torch.testing.assert_close(grad, formula, rtol=1e-12, atol=1e-14)
+
+
+def test_weights_are_centred_and_detached():
+    logp, logp_anchor, rewards = _groups()
+    w = gvpo.gvpo_weights(logp, logp_anchor, rewards, 0.1)
+    assert not w.requires_grad
+    torch.testing.assert_close(w.sum(1), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_invariant_to_group_constants():
+    logp, logp_anchor, rewards = _groups()
+    beta = 0.1
+    base = gvpo.gvpo_loss(logp, logp_anchor, rewards, beta)
+    shift = torch.tensor([[1.5], [-2.0], [7.0]], dtype=torch.float64)  # one constant per group
+    torch.testing.assert_close(gvpo.gvpo_loss(logp, logp_anchor, rewards + shift, beta), base)
+    torch.testing.assert_close(gvpo.gvpo_loss(logp + shift, logp_anchor, rewards, beta), base)
+    torch.testing.assert_close(gvpo.gvpo_loss(logp, logp_anchor - shift, rewards, beta), base)
+
+
+def test_loss_vanishes_exactly_at_the_implicit_reward():
+    logp, logp_anchor, rewards = _groups()
+    beta = 0.25
+    logp_star = logp_anchor + rewards / beta - 3.0  # beta·rho = R + const
+    assert gvpo.gvpo_loss(logp_star, logp_anchor, rewards, beta).item() < 1e-20
+    assert gvpo.gvpo_weights(logp_star, logp_anchor, rewards, beta).abs().max().item() < 1e-12
+
+
+def test_k2_is_a_squared_margin():
+    logp, logp_anchor, rewards = _groups(k=2)
+    beta = 0.5
+    rho = logp - logp_anchor
+    margin = beta * (rho[:, 0] - rho[:, 1]) - (rewards[:, 0] - rewards[:, 1])
+    torch.testing.assert_close(gvpo.gvpo_loss(logp, logp_anchor, rewards, beta), (0.25 * margin**2).mean())
+
+
+def _small_world(seed=0, P=3, N=6):
+    g = torch.Generator().manual_seed(seed)
+    logp_ref = torch.log_softmax(torch.randn(P, N, generator=g, dtype=torch.float64), -1)
+    reward = torch.rand(P, N, generator=g, dtype=torch.float64)
+    return logp_ref, reward
+
+
+@pytest.mark.parametrize("sampling", ["policy", "uniform", "reference"])
+def test_tabular_gvpo_reaches_the_optimum(sampling):
+    logp_ref, reward = _small_world()
+    beta = 0.5
+    logp_star = kl.optimal_policy(logp_ref, reward, beta)
+    logp, _ = gvpo.train_tabular(logp_ref, reward, beta, sampling=sampling, k=8, steps=800, lr=10.0)
+    assert kl.kl_divergence(logp, logp_star).max().item() < 1e-4
+    assert kl.kl_divergence(logp_ref, logp_star).min().item() > 1e-2  # it had somewhere to go
+
+
+def test_old_anchor_does_not_reach_the_optimum():
+    logp_ref, reward = _small_world()
+    beta = 0.5
+    logp_star = kl.optimal_policy(logp_ref, reward, beta)
+    logp, _ = gvpo.train_tabular(logp_ref, reward, beta, anchor="old", k=8, steps=800, lr=10.0)
+    assert kl.kl_divergence(logp, logp_star).mean().item() > 0.1
+
+
+def test_grpo_matches_hand_computation():
+    # One prompt, k = 2, T = 2 tokens; second token of completion 1 is padding.
+    logp_tok = torch.tensor([[[-1.0, -2.0], [-0.5, 0.0]]], dtype=torch.float64)
+    logp_old = torch.tensor([[[-1.5, -2.0], [-0.2, 0.0]]], dtype=torch.float64)
+    logp_ref = torch.tensor([[[-1.0, -1.0], [-1.0, 0.0]]], dtype=torch.float64)
+    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]], dtype=torch.float64)
+    rewards = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    # A = ±0.5 / (std = sqrt(0.5) + 1e-4).
+    A = 0.5 / (0.5**0.5 + 1e-4)
+    r1 = [math.exp(0.5), 1.0]  # ratios of completion 1
+    s1 = (min(r1[0] * A, 1.2 * A) + min(r1[1] * A, 1.2 * A)) / 2  # clipped at 1 + eps
+    r2 = math.exp(-0.3)
+    s2 = min(r2 * -A, max(r2, 0.8) * -A)  # clipped at 1 - eps
+    expected = -(s1 + s2) / 2
+    got = gvpo.grpo_loss(logp_tok, logp_old, mask, rewards, clip_eps=0.2)
+    assert abs(got.item() - expected) < 1e-10
+    # k3 penalty: d = log(pi_ref/pi_theta) per real token, k3 = e^d - d - 1.
+    k3 = lambda d: math.exp(d) - d - 1
+    kl1 = (k3(0.0) + k3(1.0)) / 2
+    kl2 = k3(-0.5)
+    got_kl = gvpo.grpo_loss(logp_tok, logp_old, mask, rewards, 0.2, kl_coef=0.1, logp_ref_tok=logp_ref)
+    assert abs(got_kl.item() - (expected + 0.1 * (kl1 + kl2) / 2)) < 1e-10
+    # Dr. GRPO: A = ±0.5, token sums over P·k·T_max = 1·2·2.
+    r_tok = [(r1[0], 0.5), (r1[1], 0.5), (r2, -0.5)]
+    terms = [min(r * a, min(max(r, 0.8), 1.2) * a) for r, a in r_tok]
+    got_dr = gvpo.dr_grpo_loss(logp_tok, logp_old, mask, rewards, 0.2)
+    assert abs(got_dr.item() + sum(terms) / 4) < 1e-10
+
+
+def test_group_advantages_all_equal_is_zero():
+    adv = gvpo.group_advantages(torch.ones(2, 4))
+    assert torch.equal(adv, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("bad, name", [
+    (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"),
+    (dict(logp=torch.zeros(2, 1), logp_anchor=torch.zeros(2, 1), rewards=torch.zeros(2, 1)), "k"),
+    (dict(rewards=torch.zeros(2, 4)), "rewards"),
+    (dict(rewards=torch.tensor([[0.0, float("nan"), 0.0]] * 2)), "rewards"),
+    (dict(logp_anchor=torch.full((2, 3), float("-inf"))), "logp_anchor"),
+])
+def test_validation(bad, name):
+    args = dict(logp=torch.zeros(2, 3), logp_anchor=torch.zeros(2, 3), rewards=torch.zeros(2, 3), beta=0.1)
+    args.update(bad)
+    for fn in (gvpo.gvpo_loss, gvpo.gvpo_weights):
+        with pytest.raises(ValueError, match=name):
+            fn(**args)
+
+
+def test_validation_types_and_config():
+    with pytest.raises(TypeError, match="beta"):
+        gvpo.gvpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), beta=True)
+    with pytest.raises(TypeError, match="rewards"):
+        gvpo.gvpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), [[0.0] * 3] * 2, beta=0.1)
+    with pytest.raises(ValueError, match="logp_ref_tok"):
+        z = torch.zeros(1, 2, 3)
+        gvpo.grpo_loss(z, z, torch.ones_like(z), torch.zeros(1, 2), kl_coef=0.1)
+    with pytest.raises(ValueError, match="config.k"):
+        gvpo.train(None, None, None, ["1 ="], [1], None, gvpo.GVPOConfig(k=1))
+    with pytest.raises(ValueError, match="config.anchor"):
+        gvpo.train(None, None, None, ["1 ="], [1], None, gvpo.GVPOConfig(anchor="frozen"))
+
+
+@pytest.mark.parametrize("loss", ["gvpo", "grpo", "dr_grpo"])
+def test_train_smoke_changes_parameters(arith_model, loss):
+    from refimpl import load_model
+    from refimpl.worlds import arith
+
+    ref, tok = arith_model
+    policy, _ = load_model("refimpl/toy-arith", device="cpu")
+    prompts, targets = arith.prompts("train")
+    cfg = gvpo.GVPOConfig(loss=loss, steps=2, k=2, prompts_per_step=4, lr=1e-3, kl_coef=0.04)
+    hist = gvpo.train(policy, ref, tok, prompts, targets, arith.reward, cfg, disable_progress=True)
+    assert set(hist) >= {"reward/mean", "kl/ref", "grad/norm", "loss"}
+    assert all(len(v) == 2 for v in hist.values())
+    assert hist["kl/ref"][0] == pytest.approx(0.0, abs=1e-5)  # step 0 samples the unchanged policy
+    changed = any(not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))
+    assert changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_and_cuda_agree():
+    logp, logp_anchor, rewards = _groups(dtype=torch.float32)
+    cpu = gvpo.gvpo_loss(logp, logp_anchor, rewards, 0.1)
+    (g_cpu,) = torch.autograd.grad(cpu, logp)
+    logp_c = logp.detach().cuda().requires_grad_(True)
+    cuda = gvpo.gvpo_loss(logp_c, logp_anchor.cuda(), rewards.cuda(), 0.1)
+    (g_cuda,) = torch.autograd.grad(cuda, logp_c)
+    torch.testing.assert_close(cuda.cpu(), cpu)
+    torch.testing.assert_close(g_cuda.cpu(), g_cpu)
+    z = torch.randn(2, 3, 4)
+    m = torch.ones_like(z)
+    r = torch.rand(2, 3)
+    torch.testing.assert_close(gvpo.grpo_loss(z.cuda(), z.cuda(), m.cuda(), r.cuda()).cpu(),
+                               gvpo.grpo_loss(z, z, m, r))

@@ -156,7 +156,7 @@ def _check_token_inputs(logp_tok, logp_old_tok, mask, rewards, clip_eps):
 
 def grpo_loss(logp_tok: Tensor, logp_old_tok: Tensor, mask: Tensor, rewards: Tensor, clip_eps: float = 0.2,
               kl_coef: float = 0.0, logp_ref_tok: Tensor | None = None) -> Tensor:
-    r"""GRPO: -mean_{i} 1/|y_i| sum_t [min(ratio·A_i, clip(ratio)·A_i) - kl_coef·k3_t].
+    r"""GRPO: -mean_{i} 1/len(y_i) sum_t [min(ratio·A_i, clip(ratio)·A_i) - kl_coef·k3_t].
 
     A_i = (R_i - mean R)/(std R + eps); ratio = pi_theta/pi_old per token; the k3 estimator
     k3_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 of KL(pi_theta‖pi_ref) per token
@@ -192,7 +192,7 @@ def dr_grpo_loss(logp_tok: Tensor, logp_old_tok: Tensor, mask: Tensor, rewards: 
                  max_tokens: int | None = None) -> Tensor:
     r"""Dr. GRPO: -1/(P·k·T_max) sum_{i,t} min(ratio·A_i, clip(ratio)·A_i), A_i = R_i - mean R.
 
-    No std division and no 1/|y_i| (Liu et al. 2025): token terms are summed and divided by a
+    No std division and no 1/len(y_i) (Liu et al. 2025): token terms are summed and divided by a
     constant, the generation budget T_max, so long and short sequences weigh the same per token.
 
     Args:

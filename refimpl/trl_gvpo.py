@@ -54,10 +54,11 @@ class GVPOTrainerConfig(GRPOConfig):
 class GVPOTrainer(GRPOTrainer):
     """TRL's GRPO trainer with GVPO's loss; see the module docstring for what changes.
 
+    Every argument is ``trl.GRPOTrainer``'s, with ``args`` a :class:`GVPOTrainerConfig`, plus:
+
     Args:
         ref_model: the frozen reference for ``gvpo_anchor="reference"`` (default: a copy of the
             initial policy). Ignored for ``gvpo_anchor="old"``.
-        Everything else as ``trl.GRPOTrainer``; ``args`` must be a :class:`GVPOTrainerConfig`.
     """
 
     def __init__(self, *args, ref_model=None, **kwargs):

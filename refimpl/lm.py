@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Samples", "left_align", "sequence_logprobs", "sample", "embed", "completion_mask"]
+__all__ = ["Samples", "left_align", "forward", "sequence_logprobs", "sample", "embed", "completion_mask"]
 
 
 @dataclass
@@ -73,8 +73,15 @@ def completion_mask(completion_ids: Tensor, eos_token_id: int | Sequence[int] | 
     return (before == 0).long()
 
 
-def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kw):
-    """One forward pass on [prompt | completion] with positions that skip the padding."""
+def forward(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor, **kw):
+    """One forward pass on [prompt | completion] with positions that skip the padding.
+
+    Prompts are left-aligned first, so the logits at position ``P - 1 + t`` (P = prompt width)
+    predict completion token t. Extra keyword arguments go to the model.
+
+    Returns:
+        The model's output (``.logits`` of shape [B, P + T, V]).
+    """
     _check_pair(prompt_ids, prompt_mask, "prompt")
     _check_pair(completion_ids, completion_mask, "completion")
     if prompt_ids.shape[0] != completion_ids.shape[0]:
@@ -111,7 +118,7 @@ def sequence_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     P = prompt_ids.shape[1]
-    logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
+    logits = forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
     # The token at position P+t is predicted by the logits at P+t-1.
     logits = logits[:, P - 1 : -1, :].float() / temperature  # [B, T, V]
     logp = torch.log_softmax(logits, dim=-1)
@@ -144,7 +151,7 @@ def embed(
     out = []
     for s in range(0, completion_ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
-        hs = _forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
+        hs = forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
                       output_hidden_states=True).hidden_states
         n_layers = len(hs)
         if not -n_layers <= layer < n_layers:

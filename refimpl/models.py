@@ -23,6 +23,7 @@ from .config import Scale, cache_dir, get_scale
 __all__ = ["load_model", "toy_model_path", "pretrain", "TOY_MODELS"]
 
 FORMAT_VERSION = 1  # bump when a toy model's recipe changes, so caches are rebuilt
+TRAIN_THREADS = 2  # CPU threads used to train toy models (part of the recipe: see toy_model_path)
 
 
 def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: float, seed: int,
@@ -122,7 +123,8 @@ TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
 def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
     """The cache folder of toy model ``name``, training it first if it is not there.
 
-    Training is deterministic (seeded, single process); the folder is written under a temporary
+    Training is deterministic (seeded, single process, ``TRAIN_THREADS`` CPU threads); the folder
+    is written under a temporary
     name and renamed into place, so a crash or a concurrent build never leaves a half-written model.
     """
     if name not in TOY_MODELS:
@@ -136,7 +138,11 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    threads = torch.get_num_threads()
     try:
+        # CPU matmuls reduce in an order that depends on the thread count: pin it, so the weights
+        # do not depend on what the caller (a notebook, a test) set.
+        torch.set_num_threads(TRAIN_THREADS)
         info = TOY_MODELS[name](scale, tmp)
         (tmp / "refimpl_info.json").write_text(json.dumps({"name": name, "scale": scale.name, **info}, indent=1))
         try:
@@ -145,6 +151,7 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
             if not (path / "config.json").exists():  # someone else won the race only if it's complete
                 raise
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 

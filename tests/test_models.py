@@ -43,3 +43,19 @@ def test_bad_names():
         refimpl.load_model(3)
     with pytest.raises(ValueError, match="REFIMPL_SCALE"):
         refimpl.get_scale("huge")
+
+
+def test_toy_training_ignores_callers_thread_setting(tmp_path, monkeypatch):
+    """Weights are the same whether the caller runs 1 thread or the default."""
+    paths = []
+    default = torch.get_num_threads()
+    for i, threads in enumerate([1, default]):
+        torch.set_num_threads(threads)
+        monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / f"t{i}"))
+        paths.append(models.toy_model_path("refimpl/toy-exact"))
+        assert torch.get_num_threads() == threads  # restored after training
+    torch.set_num_threads(default)
+    a, _ = refimpl.load_model(str(paths[0]), device="cpu")
+    b, _ = refimpl.load_model(str(paths[1]), device="cpu")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)

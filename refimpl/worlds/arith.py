@@ -284,7 +284,7 @@ def verdict_probability(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tenso
     from .. import lm
 
     ids = [tokenizer.convert_tokens_to_ids(t) for t in ("Y", "N")]
-    logits = lm._forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
+    logits = lm.forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
     last = prompt_ids.shape[1] - 1 + completion_mask.long().sum(1)  # [B] position of the stop token
     logits = logits[torch.arange(logits.shape[0], device=logits.device), last][:, ids].float()
     return torch.softmax(logits, -1)[:, 0]

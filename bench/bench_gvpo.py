@@ -4,7 +4,8 @@ One step = k samples per prompt with the KV cache (``lm.sample``), one forward w
 the old policy and one for the reference, one forward + backward + AdamW step for the policy
 (``refimpl.gvpo.train`` with ``steps=1``). The anchor, measured in the same run on the same
 device, is sampling alone on the same batch, so the printed ratio (step / sampling) is
-comparable across machines. TRL's ``GRPOTrainer`` (same model, batch, k, generation budget and\nreference forward) is timed in the same run only if ``trl`` is installed.
+comparable across machines. TRL's ``GRPOTrainer`` (same model, batch, k, generation budget and
+reference forward) is timed in the same run only if ``trl`` is installed.
 
     python bench/bench_gvpo.py [--device cuda] [--prompts 16] [--k 4] [--repeats 5] [--threads 1]
 """

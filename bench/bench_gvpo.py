@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from refimpl import config, gvpo, lm, load_model
-from refimpl.worlds import arith
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import time_once  # noqa: E402
 
-
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+from refimpl import config, gvpo, lm, load_model  # noqa: E402
+from refimpl.worlds import arith  # noqa: E402
 
 
 def main() -> None:
@@ -59,8 +54,8 @@ def main() -> None:
         lm.sample(policy, tok, prompts, k=args.k, max_new_tokens=cfg.max_new_tokens, seed=0)
 
     step(), sample_only()  # warm-up
-    t_step = [_timed(step, device) for _ in range(args.repeats)]
-    t_sample = [_timed(sample_only, device) for _ in range(args.repeats)]
+    t_step = [time_once(step, device) for _ in range(args.repeats)]
+    t_sample = [time_once(sample_only, device) for _ in range(args.repeats)]
     n_tok = statistics.median(tokens[1:])
     med_step, med_sample = statistics.median(t_step), statistics.median(t_sample)
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.prompts} prompts x k={args.k}, {n_tok:.0f} completion tokens per step")

@@ -9,31 +9,22 @@ arithmetic model (one forward pass over already-generated tokens against a decod
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from refimpl import config, lm, load_model, qprobe
-from refimpl.worlds import arith
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from refimpl import config, lm, load_model, qprobe  # noqa: E402
+from refimpl.worlds import arith  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls (after one warm-up call) and the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    """Median wall time of ``repeats`` calls (after one warm-up call) and the warm-up's result."""
+    out = fn()  # every call returns the same (seeded) result
+    return median_time(fn, device, repeats, warmup=0), out
 
 
 def main() -> None:

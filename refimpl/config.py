@@ -3,17 +3,18 @@
 Every notebook and script reads its sizes from :func:`get_scale`, so switching the whole book
 to the large setting is one environment variable::
 
-    REFIMPL_SCALE=full python scripts/run_full.py
+    python scripts/run_scale.py --scale full
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["Scale", "SCALES", "get_scale", "cache_dir", "default_device", "quiet"]
+__all__ = ["Scale", "SCALES", "get_scale", "cache_dir", "default_device", "chapter_device", "quiet"]
 
 
 @dataclass(frozen=True)
@@ -28,22 +29,40 @@ class Scale:
     arith_batch: int  # pretraining batch (sequences)
     samples_per_prompt: int  # completions drawn per prompt in the chapters
     seeds: int  # independent seeds for spreads and confidence intervals
+    rl_steps: int  # policy-training steps per run in the GVPO chapter
+    rl_seeds: int  # seeds per method in the GVPO chapter (each is a full training run)
 
 
 SCALES: dict[str, Scale] = {
     "smoke": Scale("smoke", arith_layers=3, arith_width=128, arith_heads=4, arith_steps=1100,
-                   arith_batch=256, samples_per_prompt=96, seeds=3),
+                   arith_batch=256, samples_per_prompt=96, seeds=3, rl_steps=50, rl_seeds=3),
     "full": Scale("full", arith_layers=8, arith_width=512, arith_heads=8, arith_steps=6000,
-                  arith_batch=512, samples_per_prompt=400, seeds=10),
+                  arith_batch=512, samples_per_prompt=384, seeds=10, rl_steps=150, rl_seeds=5),
 }
 
 
 def get_scale(name: str | None = None) -> Scale:
-    """The :class:`Scale` named by ``name`` or by ``$REFIMPL_SCALE`` (default ``smoke``)."""
+    """The :class:`Scale` named by ``name`` or by ``$REFIMPL_SCALE`` (default ``smoke``).
+
+    ``$REFIMPL_SCALE_OVERRIDES`` (``"field=value,..."``, integers) replaces single sizes, e.g.
+    ``arith_layers=2,seeds=2`` to try the full scale's code paths with a tiny model on a CPU.
+    """
     name = name if name is not None else os.environ.get("REFIMPL_SCALE", "smoke")
     if name not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {name!r} (REFIMPL_SCALE)")
-    return SCALES[name]
+    overrides = os.environ.get("REFIMPL_SCALE_OVERRIDES", "").strip()
+    if not overrides:
+        return SCALES[name]
+    fields = {f.name for f in dataclasses.fields(Scale)} - {"name"}
+    changes = {}
+    for item in overrides.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in fields or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"REFIMPL_SCALE_OVERRIDES: expected field=positive integer with a field in "
+                             f"{sorted(fields)}, got {item!r}")
+        changes[key] = int(value)
+    return dataclasses.replace(SCALES[name], **changes)
 
 
 def cache_dir() -> Path:
@@ -58,6 +77,20 @@ def default_device() -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def chapter_device(scale: Scale | str | None = None) -> torch.device:
+    """Where the chapters put the task-world models: ``$REFIMPL_DEVICE`` if set; CUDA at the full
+    scale when available; otherwise CPU.
+
+    The smoke-scale numbers printed in the book are checked on CPU, where they reproduce bit for
+    bit, so the smoke scale stays on CPU even on a machine with a GPU unless asked otherwise.
+    """
+    scale = scale if isinstance(scale, Scale) else get_scale(scale)
+    name = os.environ.get("REFIMPL_DEVICE")
+    if name:
+        return torch.device(name)
+    return default_device() if scale.name == "full" else torch.device("cpu")
 
 
 def quiet() -> None:

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from .config import Scale, cache_dir, get_scale
+from .config import Scale, cache_dir, chapter_device, get_scale
 
-__all__ = ["load_model", "toy_model_path", "pretrain", "TOY_MODELS"]
+__all__ = ["load_model", "toy_model_path", "train_device", "pretrain", "TOY_MODELS"]
 
 FORMAT_VERSION = 1  # bump when a toy model's recipe changes, so caches are rebuilt
 TRAIN_THREADS = 2  # CPU threads used to train toy models (part of the recipe: see toy_model_path)
@@ -37,23 +37,27 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
         The loss at every step.
     """
     torch.manual_seed(seed)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
     )
+    # On CUDA the forward runs in bfloat16 autocast (weights and optimizer stay float32).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     losses = []
     for step in range(steps):
-        ids = batches(step)
-        loss = model(input_ids=ids, labels=ids).loss
+        ids = batches(step).to(device, non_blocking=True)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no host sync per step
     model.eval()
-    return losses
+    return torch.stack(losses).float().tolist()
 
 
 def _gpt2(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: int, tokenizer, eos_id):
@@ -67,6 +71,16 @@ def _gpt2(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: 
     return GPT2LMHeadModel(cfg)
 
 
+def _encode_lines(tok, lines: list[str]) -> torch.Tensor:
+    """``tok(lines)["input_ids"]`` for a word-level tokenizer that splits on whitespace and adds
+    ``<bos>``: a dictionary lookup, about 50 times faster on millions of lines (checked on a prefix)."""
+    vocab, bos = tok.get_vocab(), [tok.bos_token_id]
+    ids = torch.tensor([bos + [vocab[w] for w in line.split()] for line in lines])
+    if not torch.equal(ids[:256], tok(lines[:256], return_tensors="pt")["input_ids"]):
+        raise RuntimeError("fast corpus encoding disagrees with the tokenizer")
+    return ids
+
+
 def _build_arith(scale: Scale, out: Path, layers: int | None = None, width: int | None = None,
                  heads: int | None = None, steps: int | None = None, batch: int | None = None,
                  seed: int = 0, corpus_seed: int = 1234) -> dict:
@@ -78,11 +92,12 @@ def _build_arith(scale: Scale, out: Path, layers: int | None = None, width: int 
     tok = arith.build_tokenizer(cfg)
     stop_id = tok.convert_tokens_to_ids(arith.STOP)
     torch.manual_seed(seed)
-    model = _gpt2(len(tok), layers, width, heads, 32, tok, stop_id)
+    model = _gpt2(len(tok), layers, width, heads, 32, tok, stop_id).to(train_device(scale))
     lines = arith.corpus(steps * batch, seed=corpus_seed, cfg=cfg)
-    data = tok(lines, return_tensors="pt")["input_ids"]  # [n, L]: every line has the same length
+    data = _encode_lines(tok, lines).to(train_device(scale))  # [n, L]: every line has the same length
     batches = lambda s: data[s * batch : (s + 1) * batch]
     losses = pretrain(model, batches, steps, lr=2e-3, seed=seed)
+    model.to("cpu")
     model.generation_config.eos_token_id = stop_id  # sampling stops at ';'
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
@@ -120,6 +135,12 @@ TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
 }
 
 
+def train_device(scale: Scale) -> torch.device:
+    """Where the task-world models are pretrained: the CPU at the smoke scale (reproducible bit for
+    bit), :func:`~refimpl.config.chapter_device` at the full scale (a GPU when there is one)."""
+    return chapter_device(scale) if scale.name == "full" else torch.device("cpu")
+
+
 def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
     """The cache folder of toy model ``name``, training it first if it is not there.
 
@@ -131,7 +152,10 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
         raise ValueError(f"unknown toy model {name!r}; known: {sorted(TOY_MODELS)}")
     scale = scale if isinstance(scale, Scale) else get_scale(scale)
     scale_dep = name != "refimpl/toy-exact"  # the exact world's model is the same at every scale
-    recipe = [name, scale.__dict__ if scale_dep else None, FORMAT_VERSION]
+    sizes = {k: v for k, v in scale.__dict__.items() if k.startswith("arith_")}  # what shapes the model
+    recipe = [name, sizes if scale_dep else None, FORMAT_VERSION]
+    if scale_dep and train_device(scale).type != "cpu":  # other hardware, other weights
+        recipe.append(train_device(scale).type)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"{name.split('/')[-1]}-{scale.name if scale_dep else 'any'}-{key}"
     if (path / "config.json").exists():

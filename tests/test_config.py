@@ -31,3 +31,45 @@ def test_mean_ci():
     assert abs(h.item() - 1.96 * x.double().std().item() / 2) < 1e-12
     with pytest.raises(ValueError, match="at least 2"):
         mean_ci(torch.tensor([1.0]))
+
+
+def test_chapter_device(monkeypatch):
+    monkeypatch.delenv("REFIMPL_DEVICE", raising=False)
+    assert config.chapter_device("smoke") == torch.device("cpu")  # smoke numbers are checked on CPU
+    assert config.chapter_device("full") == config.default_device()
+    monkeypatch.setenv("REFIMPL_DEVICE", "cpu")
+    assert config.chapter_device("full") == torch.device("cpu")
+    with pytest.raises(ValueError, match="scale"):
+        config.chapter_device("huge")
+
+
+def test_model_cache_key_ignores_chapter_only_sizes(monkeypatch, tmp_path):
+    """Changing how long the chapters train policies must not retrain the pretrained models."""
+    import dataclasses
+
+    from refimpl import models
+
+    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path))
+    base = config.get_scale("smoke")
+    seen = []
+
+    def fake_build(scale, out):
+        seen.append(scale)
+        (out / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setitem(models.TOY_MODELS, "refimpl/toy-arith", fake_build)
+    a = models.toy_model_path("refimpl/toy-arith", base)
+    b = models.toy_model_path("refimpl/toy-arith", dataclasses.replace(base, rl_steps=7, rl_seeds=1, seeds=9))
+    c = models.toy_model_path("refimpl/toy-arith", dataclasses.replace(base, arith_width=64))
+    assert a == b and a != c and len(seen) == 2
+
+
+def test_scale_overrides(monkeypatch):
+    monkeypatch.setenv("REFIMPL_SCALE_OVERRIDES", "arith_layers=2, seeds=4")
+    s = config.get_scale("full")
+    assert (s.name, s.arith_layers, s.seeds, s.arith_width) == ("full", 2, 4, config.SCALES["full"].arith_width)
+    for bad in ["nope=3", "seeds=0", "seeds=x", "seeds"]:
+        monkeypatch.setenv("REFIMPL_SCALE_OVERRIDES", bad)
+        with pytest.raises(ValueError, match="REFIMPL_SCALE_OVERRIDES"):
+            config.get_scale("full")

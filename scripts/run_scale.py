@@ -1,0 +1,191 @@
+"""Run every chapter at one scale and write its results under ``book/results/<scale>-<device>/``.
+
+    python scripts/run_scale.py --scale smoke            # CPU, about 5 minutes
+    python scripts/run_scale.py --scale full             # a GPU: the "Results at scale" page
+    python scripts/run_scale.py --render                 # only rewrite book/results/summary.md
+    python scripts/run_scale.py --scale full --dry-run   # the full scale's code with a tiny model, on CPU
+
+Each chapter's notebook is converted to a plain script (``--prepare`` does only that, with
+jupytext, for a machine without the Jupyter stack: carry ``build/scale-scripts/`` there) and run
+in its own process with ``$REFIMPL_RESULTS`` set, so the chapter's :class:`refimpl.report.Report`
+writes its numbers and claims to ``<chapter>.json``; every figure the chapter shows is saved as
+``<chapter>-fig<N>.png`` and its printed output as ``<chapter>.log``. ``run.json`` records the
+device, the versions, the date and the wall times. The toy models are trained (or found in the
+cache) first, and timed on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = ["00_worlds", "01_kl_optimum", "02_qprobe", "03_gvpo", "04_idle"]
+SCRIPTS = ROOT / "build" / "scale-scripts"
+RESULTS = ROOT / "book" / "results"
+DRY_RUN = ROOT / "build" / "dry-run"
+# --dry-run: the scale's sample counts and chunkings with a tiny, briefly trained model and few seeds,
+# to catch shape and device errors in minutes before a long run (its numbers mean nothing).
+DRY_SIZES = "arith_layers=2,arith_width=64,arith_heads=2,arith_steps=300,arith_batch=64,seeds=2,rl_steps=6,rl_seeds=2"
+
+# Runs in the chapter's process: save each figure the chapter shows, then run the chapter.
+BOOTSTRAP = """
+import runpy, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out, chapter, script = sys.argv[1:4]
+count = [0]
+def show(*args, **kwargs):
+    for num in plt.get_fignums():
+        count[0] += 1
+        plt.figure(num).savefig(f"{out}/{chapter}-fig{count[0]}.png", dpi=90, bbox_inches="tight")
+    plt.close("all")
+plt.show = show
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def prepare(chapters: list[str]) -> None:
+    """Convert ``notebooks/<chapter>.md`` to ``build/scale-scripts/<chapter>.py`` with jupytext."""
+    SCRIPTS.mkdir(parents=True, exist_ok=True)
+    for ch in chapters:
+        subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "py:percent", "-o",
+                        str(SCRIPTS / f"{ch}.py"), str(ROOT / "notebooks" / f"{ch}.md")], check=True)
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        out["trl"] = None
+    return out
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"1 × {torch.cuda.get_device_name(device)}"
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def run(scale_name: str, chapters: list[str], command: str, results: Path = RESULTS) -> tuple[Path, bool]:
+    """Train the toy models, run ``chapters``; return the results folder and whether all succeeded."""
+    from refimpl import config, models
+
+    config.quiet()
+    scale = config.get_scale(scale_name)
+    device = config.chapter_device(scale)
+    out = results / f"{scale.name}-{device.type}"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.json"), *out.glob("*.png"), *out.glob("*.log")]:
+        if stale.stem.split("-fig")[0] in chapters:
+            stale.unlink()
+    env = dict(os.environ, REFIMPL_SCALE=scale.name, REFIMPL_RESULTS=str(out), MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    t0 = time.perf_counter()
+    for name in models.TOY_MODELS:
+        models.toy_model_path(name, scale)
+    models_wall = time.perf_counter() - t0
+    print(f"toy models ready in {models_wall:.0f} s", flush=True)
+
+    # A run of some chapters updates theirs and keeps the other chapters' entries.
+    old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    record = {"scale": scale.name, "device": device_name(device), "versions": versions(),
+              "date": datetime.date.today().isoformat(), "commit": git_commit(), "command": command,
+              "models_wall_s": round(max(models_wall, old.get("models_wall_s", 0.0)), 1),
+              "chapters": {ch: c for ch, c in old.get("chapters", {}).items() if ch not in chapters}}
+    for ch in chapters:
+        script = SCRIPTS / f"{ch}.py"
+        if not script.exists():
+            raise FileNotFoundError(f"{script} is missing: run with --prepare where jupytext is installed")
+        t0 = time.perf_counter()
+        with open(out / f"{ch}.log", "w") as log:
+            rel = os.path.relpath(script, ROOT / "notebooks")  # no machine paths in the committed logs
+            proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(out), ch, rel], env=env,
+                                  cwd=ROOT / "notebooks", stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t0
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        record["chapters"][ch] = {"wall_s": round(wall, 1), "status": status}
+        record["chapters"] = {c: record["chapters"][c] for c in CHAPTERS if c in record["chapters"]}
+        print(f"{ch}: {status} in {wall:.0f} s", flush=True)
+        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out, all(c["status"] == "ok" for ch, c in record["chapters"].items() if ch in chapters)
+
+
+def summary_text(results: Path = RESULTS) -> str:
+    """The text of ``summary.md`` for every results folder under ``results`` (smoke runs first)."""
+    from refimpl.report import render_markdown
+
+    order = {"smoke": 0, "full": 1}
+    folders = sorted((p for p in results.iterdir() if (p / "run.json").exists()),
+                     key=lambda p: (order.get(p.name.split("-")[0], 2), p.name))
+    header = "<!-- written by scripts/run_scale.py from the results folders beside it; do not edit -->\n\n"
+    return header + render_markdown({p.name: p for p in folders})
+
+
+def render() -> Path:
+    """Rewrite ``book/results/summary.md`` from every results folder present."""
+    path = RESULTS / "summary.md"
+    path.write_text(summary_text())
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=["smoke", "full"], default=os.environ.get("REFIMPL_SCALE", "smoke"))
+    ap.add_argument("--chapters", nargs="+", choices=CHAPTERS, default=CHAPTERS)
+    ap.add_argument("--prepare", action="store_true", help="only convert the notebooks to scripts")
+    ap.add_argument("--render", action="store_true", help="only rewrite book/results/summary.md")
+    ap.add_argument("--dry-run", action="store_true",
+                    help=f"tiny model, few seeds ({DRY_SIZES}); results under build/dry-run/, not the book")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.render:
+        print(render())
+        return
+    try:
+        import jupytext  # noqa: F401
+
+        prepare(args.chapters)
+    except ImportError:
+        print("jupytext is not installed: using the scripts already in build/scale-scripts/")
+    if args.prepare:
+        return
+    command = "python scripts/run_scale.py --scale " + args.scale + (
+        "" if args.chapters == CHAPTERS else " --chapters " + " ".join(args.chapters))
+    if args.dry_run:
+        os.environ.setdefault("REFIMPL_SCALE_OVERRIDES", DRY_SIZES)
+        os.environ["REFIMPL_CACHE"] = str(DRY_RUN / "cache")  # keep the tiny models out of the real cache
+        out, ok = run(args.scale, args.chapters, command + " --dry-run", results=DRY_RUN)
+    else:
+        out, ok = run(args.scale, args.chapters, command)
+        print(render())
+    print("results in", out.relative_to(ROOT), "" if ok else "-- SOME CHAPTERS FAILED: see their .log files")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

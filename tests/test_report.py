@@ -1,0 +1,108 @@
+"""refimpl.report: chapter numbers and claims, and the results page rendered from them."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from refimpl import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_claims_raise_like_asserts_when_not_recording(monkeypatch):
+    monkeypatch.delenv("REFIMPL_RESULTS", raising=False)
+    rep = report.Report("ch")
+    assert not rep.recording
+    rep.claim("true", 1 < 2, a=1.0)
+    with pytest.raises(AssertionError, match=r"claim does not hold: two is small \(two = 2.000\)"):
+        rep.claim("two is small", 2.0 < 1, two=2.0)
+
+
+def test_recording_writes_every_number_and_claim(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFIMPL_RESULTS", str(tmp_path))
+    rep = report.Report("02_x")
+    rep.record(p=0.5, n=3, ci=(0.25, 0.125), name="gpt2")
+    rep.claim("false but recorded", False, p=0.5)  # no raise
+    rep.claim("true", True)
+    doc = json.loads((tmp_path / "02_x.json").read_text())
+    assert doc["values"] == {"p": 0.5, "n": 3, "ci": [0.25, 0.125], "name": "gpt2"}
+    assert [(c["claim"], c["holds"]) for c in doc["claims"]] == [("false but recorded", False), ("true", True)]
+    assert doc["claims"][0]["numbers"] == {"p": 0.5}
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize("value, err, match", [
+    (math.nan, ValueError, "'v' must be finite"),
+    (True, TypeError, "'v' must be a number"),
+    ((0.5, -0.1), ValueError, "half-width >= 0"),
+    ((0.5, 0.1, 0.2), TypeError, "'v' must be a number"),
+    (None, TypeError, "got NoneType"),
+])
+def test_bad_values_are_rejected_by_name(value, err, match):
+    rep = report.Report("ch", out=None)
+    with pytest.raises(err, match=match):
+        rep.record(v=value)
+    with pytest.raises(err, match=match):
+        rep.claim("x", True, v=value)
+
+
+def test_bad_chapter_and_claim_text():
+    with pytest.raises(ValueError, match="chapter"):
+        report.Report("a/b")
+    with pytest.raises(ValueError, match="text"):
+        report.Report("ch").claim("", True)
+
+
+def _fake_run(folder: Path, scale: str, values: dict, claims: list, figs: int):
+    folder.mkdir()
+    rep = report.Report("ch", out=folder)
+    rep.record(**values)
+    for text, holds in claims:
+        rep.claim(text, holds)
+    for i in range(1, figs + 1):
+        (folder / f"ch-fig{i}.png").write_bytes(b"png")
+    run = {"scale": scale, "device": "CPU", "date": "2026-01-01", "command": "cmd", "models_wall_s": 1.0,
+           "versions": {"python": "3.11", "torch": "2", "transformers": "5", "trl": None},
+           "chapters": {"ch": {"wall_s": 2.0, "status": "ok"}}}
+    (folder / "run.json").write_text(json.dumps(run))
+
+
+def test_render_markdown_puts_runs_side_by_side(tmp_path):
+    _fake_run(tmp_path / "smoke-cpu", "smoke", {"a": 0.5, "b": (0.25, 0.01)}, [("c1", True), ("c2", True)], 10)
+    _fake_run(tmp_path / "full-cuda", "full", {"a": 0.75}, [("c1", False)], 0)
+    text = report.render_markdown({"smoke-cpu": tmp_path / "smoke-cpu", "full-cuda": tmp_path / "full-cuda"})
+    assert "| `a` | 0.500 | 0.750 |" in text
+    assert "| `b` | 0.250 ± 0.010 | – |" in text  # missing at full scale
+    assert "| c1 | holds | **does not hold** |" in text and "| c2 | holds | – |" in text
+    figs = [line for line in text.splitlines() if line.startswith("![")]
+    assert len(figs) == 10 and figs[1].endswith("(smoke-cpu/ch-fig2.png)") and figs[-1].endswith("ch-fig10.png)")
+    with pytest.raises(ValueError, match="run.json"):
+        report.render_markdown({"x": tmp_path})
+    with pytest.raises(ValueError, match="at least one"):
+        report.render_markdown({})
+
+
+def test_committed_results_page_matches_committed_results():
+    """book/results/summary.md is generated, never edited: it must equal what the runner writes."""
+    spec = importlib.util.spec_from_file_location("run_scale", ROOT / "scripts" / "run_scale.py")
+    run_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_scale)
+    committed = (ROOT / "book" / "results" / "summary.md").read_text()
+    assert committed == run_scale.summary_text(), "run `python scripts/run_scale.py --render`"
+    for folder in (ROOT / "book" / "results").glob("*/run.json"):
+        run = json.loads(folder.read_text())
+        assert all(c["status"] == "ok" for c in run["chapters"].values()), f"{folder.parent.name}: a chapter failed"
+
+
+def test_one_element_tensors_count_as_numbers():
+    import torch
+
+    rep = report.Report("ch", out=None)
+    rep.record(slope=torch.tensor(-1.02, dtype=torch.float64), n=torch.tensor([3]))
+    assert rep.values == {"slope": -1.02, "n": 3}
+    with pytest.raises(TypeError, match="'v' must have one element"):
+        rep.record(v=torch.zeros(2))
+    with pytest.raises(ValueError, match="'v' must be finite"):
+        rep.record(v=torch.tensor(float("inf")))

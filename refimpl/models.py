@@ -36,6 +36,8 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
     Returns:
         The loss at every step.
     """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -144,9 +146,12 @@ def train_device(scale: Scale) -> torch.device:
 def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
     """The cache folder of toy model ``name``, training it first if it is not there.
 
-    Training is deterministic (seeded, single process, ``TRAIN_THREADS`` CPU threads); the folder
-    is written under a temporary
-    name and renamed into place, so a crash or a concurrent build never leaves a half-written model.
+    On the CPU (always at the smoke scale) training is deterministic: seeded, single process,
+    ``TRAIN_THREADS`` threads, so the same machine type gives the same weights. At the full scale it
+    runs on :func:`train_device` (a GPU when there is one) in bfloat16 autocast, which is seeded but
+    not bit-reproducible across GPU models or library versions; the cache key records the device
+    type only. The folder is written under a temporary name and renamed into place, so a crash or
+    a concurrent build never leaves a half-written model.
     """
     if name not in TOY_MODELS:
         raise ValueError(f"unknown toy model {name!r}; known: {sorted(TOY_MODELS)}")

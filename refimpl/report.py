@@ -16,12 +16,13 @@ import json
 import math
 import os
 import tempfile
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 
 __all__ = ["Report", "results_dir", "load_results", "render_markdown"]
 
 Value = float | int | str | tuple[float, float]
+_FROM_ENV = object()  # Report's default ``out``: ``$REFIMPL_RESULTS``
 
 
 def results_dir() -> Path | None:
@@ -30,30 +31,43 @@ def results_dir() -> Path | None:
     return Path(root) if root else None
 
 
-def _check_value(name: str, value) -> Value:
-    if isinstance(value, bool):
-        raise TypeError(f"value of {name!r} must be a number, a string or a (mean, half-width) pair, got bool")
-    if isinstance(value, str):
-        return value
-    if hasattr(value, "numel") and hasattr(value, "item") and not isinstance(value, (tuple, list)):
-        if value.numel() != 1:  # a tensor or array with one element counts as a number
+def _number(name: str, value, lenient: bool) -> int | float | str:
+    """A finite int/float from a Python, NumPy or one-element torch number. Non-finite: ValueError,
+    or (``lenient``) the string ``"nan"``/``"inf"``/``"-inf"``."""
+    if hasattr(value, "numel") and hasattr(value, "item"):  # a tensor or array
+        if value.numel() != 1:
             raise TypeError(f"value of {name!r} must have one element, got shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool):
-        raise TypeError(f"value of {name!r} must be a number, a string or a (mean, half-width) pair, got bool")
-    if isinstance(value, Real):
-        if not math.isfinite(float(value)):
-            raise ValueError(f"value of {name!r} must be finite, got {value}")
-        return int(value) if isinstance(value, int) else float(value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, Real) and not isinstance(v, bool) for v in value
-    ):
-        mean, half = float(value[0]), float(value[1])
-        if not (math.isfinite(mean) and math.isfinite(half)) or half < 0:
-            raise ValueError(f"value of {name!r} must be a finite mean and a half-width >= 0, got {value}")
-        return (mean, half)
-    raise TypeError(f"value of {name!r} must be a number, a string or a (mean, half-width) pair, "
-                    f"got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"value of {name!r} must be a number, a string or a (mean, half-width) pair, "
+                        f"got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        if lenient:
+            return str(float(value))
+        raise ValueError(f"value of {name!r} must be finite, got {value}")
+    return int(value) if isinstance(value, Integral) else float(value)
+
+
+def _check_value(name: str, value, lenient: bool = False) -> Value:
+    """Validate one recorded value (see :meth:`Report.record`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise TypeError(f"value of {name!r} must be a number, a string or a (mean, half-width) pair, "
+                            f"got a sequence of {len(value)}")
+        mean, half = (_number(name, v, lenient) for v in value)
+        if isinstance(mean, str) or isinstance(half, str):
+            return (mean, half)
+        if half < 0:
+            raise ValueError(f"value of {name!r} must be a mean and a half-width >= 0, got {value}")
+        return (float(mean), float(half))
+    return _number(name, value, lenient)
+
+
+def _finite(v: Value) -> bool:
+    """False for a number recorded as ``"nan"``/``"inf"``/``"-inf"`` (alone or in a pair)."""
+    return not any(x in ("nan", "inf", "-inf") for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, str))
 
 
 class Report:
@@ -61,15 +75,15 @@ class Report:
 
     Args:
         chapter: the notebook's file name without extension.
-        out: folder to write ``<chapter>.json`` into (default ``$REFIMPL_RESULTS``; ``None``: keep
-            everything in memory and let false claims raise).
+        out: folder to write ``<chapter>.json`` into; by default ``$REFIMPL_RESULTS`` (when unset,
+            and with ``out=None``, everything stays in memory and false claims raise).
     """
 
-    def __init__(self, chapter: str, out: str | os.PathLike | None = None):
+    def __init__(self, chapter: str, out=_FROM_ENV):
         if not isinstance(chapter, str) or not chapter or "/" in chapter:
             raise ValueError(f"chapter must be a non-empty file stem, got {chapter!r}")
         self.chapter = chapter
-        self.out = Path(out) if out is not None else results_dir()
+        self.out = results_dir() if out is _FROM_ENV else (Path(out) if out is not None else None)
         self.values: dict[str, Value] = {}
         self.claims: list[dict] = []
         if self.out is not None:
@@ -84,22 +98,25 @@ class Report:
         """Record headline numbers: ``rep.record(base_pass1=0.35, pg=(0.967, 0.034))``.
 
         A pair is a mean and the half-width of its 95% interval. Names are keyword arguments.
+        A non-finite number raises ``ValueError``, unless recording, where it is stored as
+        ``"nan"``/``"inf"`` so that a run at another scale reports it instead of stopping.
         """
         for name, value in values.items():
-            self.values[name] = _check_value(name, value)
+            self.values[name] = _check_value(name, value, lenient=self.recording)
         self._write()
 
     def claim(self, text: str, holds, **numbers: Value) -> None:
         """State an empirical claim; ``numbers`` are the quantities it compares.
 
         Raises ``AssertionError`` when the claim is false and results are not being recorded;
-        otherwise appends it to :attr:`claims` (and prints it when false). Returns nothing, so a
-        claim on a notebook cell's last line leaves no output.
+        otherwise appends it to :attr:`claims` (and prints it when false). A claim whose numbers
+        are not all finite is recorded as not holding. Returns nothing, so a claim on a notebook
+        cell's last line leaves no output.
         """
         if not isinstance(text, str) or not text:
             raise ValueError("text must be a non-empty string")
-        holds = bool(holds)
-        nums = {name: _check_value(name, v) for name, v in numbers.items()}
+        nums = {name: _check_value(name, v, lenient=self.recording) for name, v in numbers.items()}
+        holds = bool(holds) and all(_finite(v) for v in nums.values())
         if not self.recording:
             if not holds:
                 detail = ", ".join(f"{k} = {_fmt(v)}" for k, v in nums.items())
@@ -117,7 +134,7 @@ class Report:
         doc = {"chapter": self.chapter, "values": self.values, "claims": self.claims}
         fd, tmp = tempfile.mkstemp(prefix=f".{self.chapter}.", suffix=".json", dir=self.out)
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
+            json.dump(doc, f, indent=1, allow_nan=False)
         os.replace(tmp, self.out / f"{self.chapter}.json")  # readers never see a half-written file
 
 
@@ -135,13 +152,18 @@ def load_results(folder: str | os.PathLike) -> dict:
     return {"run": run, "chapters": chapters, "figures": figures}
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _fmt(v) -> str:
     if isinstance(v, str):
         return v
     if isinstance(v, int):
         return str(v)
     if isinstance(v, (tuple, list)):
-        return f"{v[0]:.3f} ± {v[1]:.3f}"
+        return " ± ".join(x if isinstance(x, str) else f"{x:.3f}" for x in v)
     return f"{v:.3g}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4) else f"{v:.3f}"
 
 
@@ -152,7 +174,8 @@ def _run_header(name: str, run: dict) -> str:
     return (f"**{name}**: scale `{run['scale']}` on {run['device']}; {run['date']}; "
             f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}"
             + (f", TRL {v['trl']}" if v.get("trl") else "")
-            + f". Toy models {run['models_wall_s']:.0f} s; chapters: {walls}. Command: `{run['command']}`.")
+            + f"; commit {run.get('commit') or 'unknown'}. Toy models ready in {run['models_wall_s']:.0f} s "
+            f"(trained, or read from the cache); chapters: {walls}. Command: `{run['command']}`.")
 
 
 def render_markdown(folders: dict[str, str | os.PathLike]) -> str:
@@ -172,11 +195,16 @@ def render_markdown(folders: dict[str, str | os.PathLike]) -> str:
     chapters = list(dict.fromkeys(ch for r in runs.values() for ch in r["run"]["chapters"]))
     for ch in chapters:
         lines += ["", f"## {ch}", ""]
+        for n in names:
+            status = runs[n]["run"]["chapters"].get(ch, {}).get("status", "ok")
+            if status != "ok":
+                lines += [f"**{n}: this chapter did not finish ({status}); its numbers and claims stop where "
+                          f"it stopped.**", ""]
         keys = list(dict.fromkeys(k for r in runs.values() for k in r["chapters"].get(ch, {"values": {}})["values"]))
         if keys:
             lines += ["| quantity | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
             for k in keys:
-                cells = [_fmt(runs[n]["chapters"][ch]["values"][k]) if ch in runs[n]["chapters"]
+                cells = [_cell(_fmt(runs[n]["chapters"][ch]["values"][k])) if ch in runs[n]["chapters"]
                          and k in runs[n]["chapters"][ch]["values"] else "–" for n in names]
                 lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
             lines.append("")
@@ -188,7 +216,7 @@ def render_markdown(folders: dict[str, str | os.PathLike]) -> str:
                 for n in names:
                     found = [c for c in runs[n]["chapters"].get(ch, {"claims": []})["claims"] if c["claim"] == t]
                     cells.append("–" if not found else ("holds" if found[0]["holds"] else "**does not hold**"))
-                lines.append(f"| {t} | " + " | ".join(cells) + " |")
+                lines.append(f"| {_cell(t)} | " + " | ".join(cells) + " |")
             lines.append("")
         for n in names:
             figs = runs[n]["figures"].get(ch, [])

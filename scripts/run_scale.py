@@ -16,7 +16,9 @@ cache) first, and timed on their own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -31,7 +33,8 @@ SCRIPTS = ROOT / "build" / "scale-scripts"
 RESULTS = ROOT / "book" / "results"
 DRY_RUN = ROOT / "build" / "dry-run"
 # --dry-run: the scale's sample counts and chunkings with a tiny, briefly trained model and few seeds,
-# to catch shape and device errors in minutes before a long run (its numbers mean nothing).
+# to catch shape errors in minutes before a long run (its numbers mean nothing). Device errors show
+# only on the device: on a GPU machine, dry-run there first (it also exercises the GPU pretraining).
 DRY_SIZES = "arith_layers=2,arith_width=64,arith_heads=2,arith_steps=300,arith_batch=64,seeds=2,rl_steps=6,rl_seeds=2"
 
 # Runs in the chapter's process: save each figure the chapter shows, then run the chapter.
@@ -49,15 +52,42 @@ def show(*args, **kwargs):
     plt.close("all")
 plt.show = show
 runpy.run_path(script, run_name="__main__")
+show()  # figures the chapter drew but did not show
 """
 
 
+def source_hash(chapter: str) -> str:
+    return hashlib.sha256((ROOT / "notebooks" / f"{chapter}.md").read_bytes()).hexdigest()[:16]
+
+
 def prepare(chapters: list[str]) -> None:
-    """Convert ``notebooks/<chapter>.md`` to ``build/scale-scripts/<chapter>.py`` with jupytext."""
+    """Convert ``notebooks/<chapter>.md`` to ``build/scale-scripts/<chapter>.py`` with jupytext; the
+    script's first line records the source's hash, so a stale script is refused."""
     SCRIPTS.mkdir(parents=True, exist_ok=True)
     for ch in chapters:
-        subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "py:percent", "-o",
-                        str(SCRIPTS / f"{ch}.py"), str(ROOT / "notebooks" / f"{ch}.md")], check=True)
+        path = SCRIPTS / f"{ch}.py"
+        subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "py:percent", "-o", str(path),
+                        str(ROOT / "notebooks" / f"{ch}.md")], check=True)
+        path.write_text(f"# source sha256: {source_hash(ch)}\n" + path.read_text())
+
+
+def chapter_script(chapter: str) -> Path:
+    """The prepared script of ``chapter``, checked against the notebook it was made from."""
+    path = SCRIPTS / f"{chapter}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"build/scale-scripts/{path.name} is missing: run --prepare where jupytext is installed")
+    if path.read_text().splitlines()[0] != f"# source sha256: {source_hash(chapter)}":
+        raise RuntimeError(f"build/scale-scripts/{path.name} is stale (notebooks/{chapter}.md changed): run --prepare again")
+    return path
+
+
+def scrub(text: str) -> str:
+    """Replace this machine's paths (repository, Python prefix, home) in a log with placeholders."""
+    pairs = [(str(ROOT), "<repo>"), (sys.prefix, "<python>"), (sys.base_prefix, "<python>"), (str(Path.home()), "~")]
+    for path, name in sorted(pairs, key=lambda p: -len(p[0])):  # the longest first: a venv inside the repo
+        if len(path) > 1:  # never "/"
+            text = text.replace(path, name)
+    return text
 
 
 def versions() -> dict:
@@ -83,15 +113,20 @@ def device_name(device) -> str:
 
 
 def git_commit() -> str | None:
+    """The commit, with ``-dirty`` when the code or the chapters differ from it (results do not count)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or None
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "refimpl", "notebooks", "scripts", "pyproject.toml")
+        return (head + ("-dirty" if dirty else "")) or None
     except OSError:
         return None
 
 
 def run(scale_name: str, chapters: list[str], command: str, results: Path = RESULTS) -> tuple[Path, bool]:
     """Train the toy models, run ``chapters``; return the results folder and whether all succeeded."""
+    import torch
+
     from refimpl import config, models
 
     config.quiet()
@@ -99,9 +134,7 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
     device = config.chapter_device(scale)
     out = results / f"{scale.name}-{device.type}"
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.json"), *out.glob("*.png"), *out.glob("*.log")]:
-        if stale.stem.split("-fig")[0] in chapters:
-            stale.unlink()
+    scripts = {ch: chapter_script(ch) for ch in chapters}  # fail now, not after training the models
     env = dict(os.environ, REFIMPL_SCALE=scale.name, REFIMPL_RESULTS=str(out), MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
@@ -110,29 +143,44 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
         models.toy_model_path(name, scale)
     models_wall = time.perf_counter() - t0
     print(f"toy models ready in {models_wall:.0f} s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the chapters run in other processes: hand the memory back
 
-    # A run of some chapters updates theirs and keeps the other chapters' entries.
+    # A run of some chapters updates theirs and keeps the others' entries, but only if the rest of
+    # the folder came from the same setting (device, versions, sizes); otherwise it starts afresh.
+    record = {"scale": scale.name, "sizes": dataclasses.asdict(scale), "device": device_name(device),
+              "versions": versions(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+              "command": command, "models_wall_s": round(models_wall, 1), "chapters": {}}
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    record = {"scale": scale.name, "device": device_name(device), "versions": versions(),
-              "date": datetime.date.today().isoformat(), "commit": git_commit(), "command": command,
-              "models_wall_s": round(max(models_wall, old.get("models_wall_s", 0.0)), 1),
-              "chapters": {ch: c for ch, c in old.get("chapters", {}).items() if ch not in chapters}}
+    same = all(old.get(key) == record[key] for key in ("scale", "sizes", "device", "versions"))
+    if same:
+        record["models_wall_s"] = max(record["models_wall_s"], old.get("models_wall_s", 0.0))
+        record["chapters"] = {ch: c for ch, c in old.get("chapters", {}).items() if ch not in chapters}
+    kept = set(record["chapters"])
+    for stale in [*out.glob("*.json"), *out.glob("*.png"), *out.glob("*.log")]:
+        if stale.stem.split("-fig")[0] not in kept:
+            stale.unlink()
+
+    def save():
+        record["chapters"] = {c: record["chapters"][c] for c in CHAPTERS if c in record["chapters"]}
+        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+
     for ch in chapters:
-        script = SCRIPTS / f"{ch}.py"
-        if not script.exists():
-            raise FileNotFoundError(f"{script} is missing: run with --prepare where jupytext is installed")
+        # Marked as running first: a run killed here leaves "running", never an old "ok".
+        record["chapters"][ch] = {"wall_s": 0.0, "status": "running", "date": record["date"],
+                                  "commit": record["commit"]}
+        save()
         t0 = time.perf_counter()
-        with open(out / f"{ch}.log", "w") as log:
-            rel = os.path.relpath(script, ROOT / "notebooks")  # no machine paths in the committed logs
-            proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(out), ch, rel], env=env,
-                                  cwd=ROOT / "notebooks", stdout=log, stderr=subprocess.STDOUT)
+        rel = os.path.relpath(scripts[ch], ROOT / "notebooks")
+        proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(out), ch, rel], env=env, text=True,
+                              cwd=ROOT / "notebooks", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        (out / f"{ch}.log").write_text(scrub(proc.stdout))  # no machine paths in committed logs
         wall = time.perf_counter() - t0
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        record["chapters"][ch] = {"wall_s": round(wall, 1), "status": status}
-        record["chapters"] = {c: record["chapters"][c] for c in CHAPTERS if c in record["chapters"]}
+        record["chapters"][ch].update(wall_s=round(wall, 1), status=status)
+        save()
         print(f"{ch}: {status} in {wall:.0f} s", flush=True)
-        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
-    return out, all(c["status"] == "ok" for ch, c in record["chapters"].items() if ch in chapters)
+    return out, all(record["chapters"][ch]["status"] == "ok" for ch in chapters)
 
 
 def summary_text(results: Path = RESULTS) -> str:
@@ -143,6 +191,9 @@ def summary_text(results: Path = RESULTS) -> str:
     folders = sorted((p for p in results.iterdir() if (p / "run.json").exists()),
                      key=lambda p: (order.get(p.name.split("-")[0], 2), p.name))
     header = "<!-- written by scripts/run_scale.py from the results folders beside it; do not edit -->\n\n"
+    if not any(p.name.startswith("full-") for p in folders):
+        header += ("No full-scale run is committed yet; `python scripts/run_scale.py --scale full` on a GPU "
+                   "adds its column to every table below.\n\n")
     return header + render_markdown({p.name: p for p in folders})
 
 
@@ -176,6 +227,9 @@ def main() -> None:
         return
     command = "python scripts/run_scale.py --scale " + args.scale + (
         "" if args.chapters == CHAPTERS else " --chapters " + " ".join(args.chapters))
+    if os.environ.get("REFIMPL_SCALE_OVERRIDES") and not args.dry_run:
+        sys.exit("REFIMPL_SCALE_OVERRIDES is set: its results would be filed as the scale's own; "
+                 "unset it, or use --dry-run (results under build/dry-run/)")
     if args.dry_run:
         os.environ.setdefault("REFIMPL_SCALE_OVERRIDES", DRY_SIZES)
         os.environ["REFIMPL_CACHE"] = str(DRY_RUN / "cache")  # keep the tiny models out of the real cache

@@ -35,8 +35,11 @@ def test_mean_ci():
 
 def test_chapter_device(monkeypatch):
     monkeypatch.delenv("REFIMPL_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert config.chapter_device("smoke") == torch.device("cpu")  # smoke numbers are checked on CPU
-    assert config.chapter_device("full") == config.default_device()
+    assert config.chapter_device("full") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config.chapter_device("full") == torch.device("cpu")
     monkeypatch.setenv("REFIMPL_DEVICE", "cpu")
     assert config.chapter_device("full") == torch.device("cpu")
     with pytest.raises(ValueError, match="scale"):
@@ -63,6 +66,14 @@ def test_model_cache_key_ignores_chapter_only_sizes(monkeypatch, tmp_path):
     b = models.toy_model_path("refimpl/toy-arith", dataclasses.replace(base, rl_steps=7, rl_seeds=1, seeds=9))
     c = models.toy_model_path("refimpl/toy-arith", dataclasses.replace(base, arith_width=64))
     assert a == b and a != c and len(seen) == 2
+    full = config.get_scale("full")
+    monkeypatch.setattr(models, "train_device", lambda scale: torch.device("cpu"))
+    on_cpu = models.toy_model_path("refimpl/toy-arith", full)
+    monkeypatch.setattr(models, "train_device", lambda scale: torch.device("cuda"))
+    on_gpu = models.toy_model_path("refimpl/toy-arith", full)
+    assert on_cpu != on_gpu and len(seen) == 4  # weights trained on another device are another model
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        models.pretrain(torch.nn.Linear(1, 1), lambda s: None, steps=0, lr=1e-3, seed=0)
 
 
 def test_scale_overrides(monkeypatch):

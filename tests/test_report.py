@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,11 +86,16 @@ def test_render_markdown_puts_runs_side_by_side(tmp_path):
         report.render_markdown({})
 
 
+def _run_scale():
+    spec = importlib.util.spec_from_file_location("run_scale", ROOT / "scripts" / "run_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_committed_results_page_matches_committed_results():
     """book/results/summary.md is generated, never edited: it must equal what the runner writes."""
-    spec = importlib.util.spec_from_file_location("run_scale", ROOT / "scripts" / "run_scale.py")
-    run_scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_scale)
+    run_scale = _run_scale()
     committed = (ROOT / "book" / "results" / "summary.md").read_text()
     assert committed == run_scale.summary_text(), "run `python scripts/run_scale.py --render`"
     for folder in (ROOT / "book" / "results").glob("*/run.json"):
@@ -106,3 +113,54 @@ def test_one_element_tensors_count_as_numbers():
         rep.record(v=torch.zeros(2))
     with pytest.raises(ValueError, match="'v' must be finite"):
         rep.record(v=torch.tensor(float("inf")))
+
+
+def test_recording_keeps_non_finite_numbers_as_findings(tmp_path):
+    rep = report.Report("ch", out=tmp_path)
+    rep.record(x=math.nan, ci=(0.5, math.inf))
+    rep.claim("x is small", True, x=math.nan)  # a claim on a NaN cannot hold
+    doc = json.loads((tmp_path / "ch.json").read_text())
+    assert doc["values"] == {"x": "nan", "ci": [0.5, "inf"]}
+    assert doc["claims"][0]["holds"] is False
+
+
+def test_numbers_of_other_libraries():
+    import torch
+
+    rep = report.Report("ch", out=None)
+    rep.record(pair=(torch.tensor(0.5), torch.tensor([0.25])), i=torch.tensor(3, dtype=torch.int64))
+    assert rep.values == {"pair": (0.5, 0.25), "i": 3} and isinstance(rep.values["i"], int)
+    np = pytest.importorskip("numpy")
+    rep.record(n=np.int64(3), f=np.float32(0.5))
+    assert rep.values["n"] == 3 and isinstance(rep.values["n"], int) and rep.values["f"] == 0.5
+
+
+def test_render_escapes_table_cells_and_flags_unfinished_chapters(tmp_path):
+    _fake_run(tmp_path / "smoke-cpu", "smoke", {"a": "x|y"}, [("P(.|allowed) is small", True)], 0)
+    run = json.loads((tmp_path / "smoke-cpu" / "run.json").read_text())
+    run["chapters"]["ch"]["status"] = "running"
+    (tmp_path / "smoke-cpu" / "run.json").write_text(json.dumps(run))
+    text = report.render_markdown({"smoke-cpu": tmp_path / "smoke-cpu"})
+    assert "| P(.\\|allowed) is small | holds |" in text and "| `a` | x\\|y |" in text
+    assert "this chapter did not finish (running)" in text
+
+
+def test_runner_refuses_stale_scripts_and_scrubs_paths(tmp_path, monkeypatch):
+    run_scale = _run_scale()
+    monkeypatch.setattr(run_scale, "SCRIPTS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--prepare"):
+        run_scale.chapter_script("00_worlds")
+    (tmp_path / "00_worlds.py").write_text("# source sha256: 0000\nprint(1)\n")
+    with pytest.raises(RuntimeError, match="stale"):
+        run_scale.chapter_script("00_worlds")
+    (tmp_path / "00_worlds.py").write_text(f"# source sha256: {run_scale.source_hash('00_worlds')}\nprint(1)\n")
+    assert run_scale.chapter_script("00_worlds") == tmp_path / "00_worlds.py"
+    line = f'File "{ROOT}/refimpl/kl.py", line 3; {sys.prefix}/lib/x.py'
+    assert run_scale.scrub(line) == 'File "<repo>/refimpl/kl.py", line 3; <python>/lib/x.py'
+
+
+def test_committed_results_hold_no_machine_paths():
+    pattern = re.compile(r"(?<![\w.<])/(home|root|tmp|work|usr|opt|mnt|Users|private|var)/")
+    for path in (ROOT / "book" / "results").rglob("*"):
+        if path.suffix in {".json", ".log", ".md", ".txt"}:
+            assert not pattern.search(path.read_text()), f"{path.name} holds an absolute path"

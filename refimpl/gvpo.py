@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import lm
+from .kl import _check_beta  # one definition of a valid beta
 
 __all__ = [
     "gvpo_weights",
@@ -40,13 +41,6 @@ __all__ = [
 
 
 # --- validation -------------------------------------------------------------------------------
-
-def _check_beta(beta) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
-    if not 0 < beta < float("inf"):
-        raise ValueError(f"beta must be positive and finite, got {beta}")
-
 
 def _check_groups(**tensors: Tensor) -> None:
     """Every tensor [P, k, ...] with the shape of the first, k >= 2, floating and finite."""

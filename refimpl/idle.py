@@ -23,6 +23,7 @@ the mask *after* truncation.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -152,7 +153,7 @@ def exact_token_level(logp: Tensor, vocab_size: int, banned_ids) -> tuple[Tensor
     """
     P, N = logp.shape
     V = vocab_size
-    L = round(torch.log(torch.tensor(float(N))).item() / torch.log(torch.tensor(float(V))).item())
+    L = round(math.log(N) / math.log(V))
     if V**L != N:
         raise ValueError(f"logp has {N} columns, not a power of vocab_size={V}")
     banned = _banned_mask(_banned_tuple(banned_ids), V, logp.device)

@@ -2,7 +2,7 @@
 
 One step = k samples per prompt with the KV cache (``lm.sample``), one forward without grad for
 the old policy and one for the reference, one forward + backward + AdamW step for the policy
-(``refimpl.gvpo.train`` with ``steps=1``). The anchor, measured in the same run on the same
+(``refimpl.rl.train`` with ``steps=1``). The anchor, measured in the same run on the same
 device, is sampling alone on the same batch, so the printed ratio (step / sampling) is
 comparable across machines. TRL's ``GRPOTrainer`` (same model, batch, k, generation budget and
 reference forward) is timed in the same run only if ``trl`` is installed.
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import time_once  # noqa: E402
 
-from refimpl import config, gvpo, lm, load_model  # noqa: E402
+from refimpl import config, lm, load_model, rl  # noqa: E402
 from refimpl.worlds import arith  # noqa: E402
 
 
@@ -37,18 +37,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config.quiet()
-    device = torch.device(args.device) if args.device else config.default_device()
+    device = torch.device(args.device) if args.device else config.device()
     ref, tok = load_model("refimpl/toy-arith", device=device)
     policy, _ = load_model("refimpl/toy-arith", device=device)
     prompts, targets = arith.prompts("train")
     prompts, targets = prompts[: args.prompts], targets[: args.prompts]
-    cfg = gvpo.GVPOConfig(k=args.k, prompts_per_step=args.prompts, steps=1, lr=1e-6)
+    cfg = rl.RLConfig(k=args.k, prompts_per_step=args.prompts, steps=1, lr=1e-6)
 
     tokens = []
 
     def step():
-        hist = gvpo.train(policy, ref, tok, prompts, targets, arith.reward, cfg, disable_progress=True)
-        tokens.append(hist["len/mean"][0] * args.prompts * args.k)
+        log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
+        tokens.append(log.length[0] * args.prompts * args.k)
 
     def sample_only():
         lm.sample(policy, tok, prompts, k=args.k, max_new_tokens=cfg.max_new_tokens, seed=0)

@@ -27,7 +27,7 @@ from refimpl.worlds import arith  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default=str(config.default_device()))
+    ap.add_argument("--device", default=str(config.device()))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=256, help="rows per generate call")
     ap.add_argument("--steps", type=int, default=8, help="new tokens per generate call")

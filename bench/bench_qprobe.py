@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_time  # noqa: E402
 
-from refimpl import config, lm, load_model, qprobe  # noqa: E402
+from refimpl import config, lm, load_model, qprobe, resample  # noqa: E402
 from refimpl.worlds import arith  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     def score():
         phi = lm.embed(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)  # [P*k, d]
         with torch.no_grad():
-            return qprobe.select(probe(phi).reshape(len(xs), args.k), 0.1)  # [P]
+            return resample.select(probe(phi).reshape(len(xs), args.k), 0.1)  # [P]
 
     t_score, _ = timed(score, device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

@@ -1,7 +1,7 @@
 """Sampling k completions: refimpl.lm.sample against plain model.generate, and against the
 memory-bandwidth bound of decoding.
 
-    python bench/bench_sample.py [--prompts 64] [--k 8] [--new-tokens 8] [--repeats 5]
+    python bench/bench_sample.py [--device cpu] [--prompts 64] [--k 8] [--new-tokens 8] [--repeats 5]
 
 Both paths sample the same distribution from the same model; tokens/s counts real completion
 tokens (up to and including the stop token). The ratio is refimpl's tokens/s over generate's,
@@ -32,10 +32,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
     a = ap.parse_args()
 
     refimpl.config.quiet()
-    model, tok = refimpl.load_model(a.model, dtype=getattr(torch, a.dtype))
+    model, tok = refimpl.load_model(a.model, device=a.device, dtype=getattr(torch, a.dtype))
     device = next(model.parameters()).device
     texts = (arith.prompts("all")[0] * a.prompts)[: a.prompts]
     enc = tok(texts, return_tensors="pt", padding=True).to(device)

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import describe  # noqa: E402
 
-BENCHES = ["bench_sample.py", "bench_qprobe.py", "bench_gvpo.py", "bench_idle.py"]
+HERE = Path(__file__).resolve().parent
+BENCHES = sorted(p.name for p in HERE.glob("bench_*.py"))  # every benchmark in this folder, by name
 
 
 def main() -> None:
@@ -31,11 +32,9 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     lines = [f"date: {datetime.date.today().isoformat()}", describe(torch.device(a.device)), ""]
     for name in BENCHES:
-        cmd = [sys.executable, str(here / name)]
-        if name != "bench_sample.py":
-            cmd += ["--device", a.device]
+        cmd = [sys.executable, str(here / name), "--device", a.device]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "REFIMPL_DEVICE": a.device})
-        lines += [f"$ python bench/{name}" + ("" if name == "bench_sample.py" else f" --device {a.device}")]
+        lines += [f"$ python bench/{name} --device {a.device}"]
         lines += [out.stdout.rstrip() if out.returncode == 0 else f"FAILED (exit {out.returncode}):\n{out.stderr[-2000:]}", ""]
     path = Path(a.out) / f"bench-{a.device}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

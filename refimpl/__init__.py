@@ -1,14 +1,19 @@
 """refimpl: reference implementations for KL-constrained reward maximization with language models.
 
-Modules: :mod:`refimpl.kl` (the exact optimum), :mod:`refimpl.lm` (log-probs, sampling,
-embeddings for any causal LM), :mod:`refimpl.models` (toy models and ``load_model``),
-:mod:`refimpl.worlds` (the exact world and the arithmetic task world); one module per method:
-:mod:`refimpl.qprobe`, :mod:`refimpl.gvpo` (and :mod:`refimpl.trl_gvpo` on TRL), :mod:`refimpl.idle`;
-:mod:`refimpl.report` collects each chapter's numbers and claims for the results page.
+Foundations: :mod:`refimpl.kl` (the exact optimum), :mod:`refimpl.resample` (choosing one of k
+candidates by softmax(score / beta), and the law of that choice), :mod:`refimpl.lm` (log-probs,
+sampling, embeddings for any causal LM), :mod:`refimpl.models` (the book's models and
+``load_model``), :mod:`refimpl.worlds` (the exact world and the arithmetic task world),
+:mod:`refimpl.pools` (samples with rewards and features), :mod:`refimpl.metrics` (pass@k and
+intervals), :mod:`refimpl.checks` (argument checks), :mod:`refimpl.config` (scale, device, cache).
+Methods: :mod:`refimpl.qprobe`; :mod:`refimpl.gvpo`, :mod:`refimpl.grpo` and their trainers in
+:mod:`refimpl.rl` (and :mod:`refimpl.trl_gvpo` on TRL); :mod:`refimpl.idle`; :mod:`refimpl.rft`.
+:mod:`refimpl.report` records each chapter's numbers and claims.
 """
-from . import config, gvpo, idle, kl, lm, metrics, models, qprobe, report, rft, worlds
+from . import checks, config, grpo, gvpo, idle, kl, lm, metrics, models, pools, qprobe, report, resample, rft, rl, worlds
 from .config import get_scale
 from .models import load_model
 
-__all__ = ["config", "gvpo", "idle", "kl", "lm", "metrics", "models", "qprobe", "report", "rft", "worlds", "get_scale", "load_model"]
-__version__ = "0.1.0"
+__all__ = ["checks", "config", "grpo", "gvpo", "idle", "kl", "lm", "metrics", "models", "pools", "qprobe", "report",
+           "resample", "rft", "rl", "worlds", "get_scale", "load_model"]
+__version__ = "0.2.0"

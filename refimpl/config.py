@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Scale", "SCALES", "get_scale", "cache_dir", "default_device", "chapter_device", "quiet"]
+__all__ = ["Scale", "SCALES", "get_scale", "cache_dir", "device", "quiet"]
 
 
 @dataclass(frozen=True)
@@ -71,26 +71,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def default_device() -> torch.device:
-    """``$REFIMPL_DEVICE`` if set, else CUDA when available, else CPU."""
-    name = os.environ.get("REFIMPL_DEVICE")
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(scale: Scale | str | None = None) -> torch.device:
+    """The one place that picks a device: ``$REFIMPL_DEVICE`` if set; otherwise the CPU when
+    ``scale`` is the smoke scale; otherwise CUDA when available, else the CPU.
 
-
-def chapter_device(scale: Scale | str | None = None) -> torch.device:
-    """Where the chapters put the task-world models: ``$REFIMPL_DEVICE`` if set; CUDA at the full
-    scale when available; otherwise CPU.
-
-    The smoke-scale numbers printed in the book are checked on CPU, where they reproduce bit for
-    bit, so the smoke scale stays on CPU even on a machine with a GPU unless asked otherwise.
+    Without a ``scale`` (what :func:`refimpl.load_model` uses for a model you load yourself) a
+    GPU is used when there is one. With the smoke scale, the chapters keep the task-world models
+    on the CPU even on a GPU machine, because their printed numbers are checked on the CPU.
     """
-    scale = scale if isinstance(scale, Scale) else get_scale(scale)
     name = os.environ.get("REFIMPL_DEVICE")
     if name:
         return torch.device(name)
-    return default_device() if scale.name == "full" else torch.device("cpu")
+    if scale is not None:
+        scale = scale if isinstance(scale, Scale) else get_scale(scale)
+        if scale.name == "smoke":
+            return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def quiet() -> None:

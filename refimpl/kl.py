@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import checks
+
 __all__ = [
     "optimal_policy",
     "log_partition",
@@ -23,37 +25,45 @@ __all__ = [
 ]
 
 
-def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
-    if not beta > 0 or beta == float("inf"):
-        raise ValueError(f"beta must be positive and finite, got {beta}")
-
-
-def _check_same_shape(**tensors: Tensor) -> None:
+def _check(beta: float | None = None, **tensors: Tensor) -> float | None:
+    """Validate beta (> 0, finite) and tensors over a shared support: floating, at least 1-D, no NaN
+    or +inf (-inf is allowed in log-probabilities and rewards), equal last dims and broadcastable
+    leading dims."""
     names = list(tensors)
     for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension (the support)")
-    # Leading (batch) dimensions broadcast; the support (last dim) must match exactly.
+        checks.tensor(name, t, min_dims=1, floating=True)
+        # -inf: a log-probability of 0, or a reward that forbids an outcome (r = log 1[allowed])
+        checks.finite(name, t, allow_neg_inf=name.startswith("log") or name == "reward")
     first = tensors[names[0]]
     for name in names[1:]:
         t = tensors[name]
         try:
             torch.broadcast_shapes(t.shape, first.shape)
+            ok = t.shape[-1] == first.shape[-1]
         except RuntimeError:
             ok = False
-        else:
-            ok = t.shape[-1] == first.shape[-1]
         if not ok:
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)} but {names[0]} has shape {tuple(first.shape)}: "
                 "the last (support) dimension must match and leading dimensions must broadcast"
             )
+    return None if beta is None else checks.beta(beta)
+
+
+def _tilt(logp_ref: Tensor, reward: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(log pi_ref + (r - m)/beta, m/beta) with m the largest reward on the support of pi_ref.
+
+    Subtracting m first keeps every exponent <= 0 on the support, so a large r/beta cannot
+    overflow into inf - inf = NaN; outside the support the tilt stays -inf.
+    """
+    on_support = ~torch.isneginf(logp_ref)
+    reward = reward.expand(torch.broadcast_shapes(reward.shape, logp_ref.shape))
+    m = torch.where(on_support, reward, torch.full_like(reward, float("-inf"))).amax(-1, keepdim=True)
+    if bool(torch.isneginf(m).any()):
+        raise ValueError("reward is -inf (forbidden) everywhere on the support of logp_ref in some row: "
+                         "no policy is left")
+    tilted = torch.where(on_support, logp_ref + (reward - m) / beta, torch.full_like(logp_ref, float("-inf")))
+    return tilted, (m / beta).squeeze(-1)
 
 
 def log_partition(logp_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
@@ -67,9 +77,11 @@ def log_partition(logp_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
     Returns:
         [...] log Z.
     """
-    _check_beta(beta)
-    _check_same_shape(logp_ref=logp_ref, reward=reward)
-    return torch.logsumexp(logp_ref + reward / beta, dim=-1)
+    beta = _check(beta, logp_ref=logp_ref, reward=reward)
+    tilted, shift = _tilt(logp_ref, reward, beta)
+    if not bool(torch.isfinite(shift).all()):
+        raise ValueError(f"log Z = max r / beta + ... overflows {reward.dtype}: use float64 tensors or a larger beta")
+    return torch.logsumexp(tilted, dim=-1) + shift
 
 
 def optimal_policy(logp_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
@@ -83,9 +95,8 @@ def optimal_policy(logp_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
     Returns:
         [..., N] log pi*, normalised on the last dim (``-inf`` where pi_ref is 0).
     """
-    _check_beta(beta)
-    _check_same_shape(logp_ref=logp_ref, reward=reward)
-    return torch.log_softmax(logp_ref + reward / beta, dim=-1)
+    beta = _check(beta, logp_ref=logp_ref, reward=reward)
+    return torch.log_softmax(_tilt(logp_ref, reward, beta)[0], dim=-1)
 
 
 def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
@@ -100,7 +111,7 @@ def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     Returns:
         [...] KL(p||q) >= 0.
     """
-    _check_same_shape(logp=logp, logq=logq)
+    _check(logp=logp, logq=logq)
     p = logp.exp()
     # 0·log 0 = 0: terms with p = 0 contribute nothing, even where q = 0 too.
     diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
@@ -119,8 +130,7 @@ def regularized_objective(logp: Tensor, logp_ref: Tensor, reward: Tensor, beta: 
     Returns:
         [...] J(p); at p = pi* it equals beta·log Z.
     """
-    _check_beta(beta)
-    _check_same_shape(logp=logp, logp_ref=logp_ref, reward=reward)
+    beta = _check(beta, logp=logp, logp_ref=logp_ref, reward=reward)
     p = logp.exp()
     expected = (p * torch.where(p > 0, reward, torch.zeros_like(reward))).sum(-1)
     return expected - beta * kl_divergence(logp, logp_ref)
@@ -136,5 +146,5 @@ def total_variation(logp: Tensor, logq: Tensor) -> Tensor:
     Returns:
         [...] TV in [0, 1].
     """
-    _check_same_shape(logp=logp, logq=logq)
+    _check(logp=logp, logq=logq)
     return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)

@@ -2,47 +2,69 @@ r"""What every chapter needs from a Hugging Face causal LM, for any architecture
 
 * :func:`sequence_logprobs` -- log pi(y|x) of completions, summed and per token.
 * :func:`sample` -- k completions per prompt (KV cache, temperature / top-k / top-p, logits
-  processors, seeded) with their token ids, masks and texts.
+  processors, seeded) with their token ids, masks and texts, as :class:`Samples` (both live in
+  :mod:`refimpl.sampling` and are re-exported here).
 * :func:`embed` -- the hidden state phi(x, y) of the last completion token at a chosen layer.
 
 Conventions (those of ``model.generate``): prompts are left-padded ``[B, P]`` with an attention
 mask; completions are right-padded ``[B, T]`` with a mask that is 1 on real tokens, the stop
 token included (stopping is part of the sequence's probability). Right-padded prompts are
-accepted and re-aligned to the left first.
+accepted and re-aligned to the left first. Every public function checks its input on entry
+(shapes, 0/1 masks, padding sides, token ids inside the vocabulary, the context length); the
+trainers call the unchecked cores (``_forward``) inside their loops.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Samples", "left_align", "forward", "sequence_logprobs", "sample", "embed", "completion_mask"]
+from . import checks
+from .sampling import Samples, _context_length, completion_mask, padding_side, sample  # noqa: F401 (re-exported)
+
+__all__ = ["Samples", "left_align", "forward", "sequence_logprobs", "sample", "embed", "completion_mask",
+           "completion_logits", "last_token_index", "padding_side"]
 
 
-@dataclass
-class Samples:
-    """k completions for each of B prompts, flattened prompt-major to B·k rows."""
-
-    prompt_ids: Tensor  # [B*k, P] left-padded
-    prompt_mask: Tensor  # [B*k, P] 1 on real prompt tokens
-    completion_ids: Tensor  # [B*k, T] right-padded with pad_token_id
-    completion_mask: Tensor  # [B*k, T] 1 on real completion tokens (stop token included)
-    texts: list[str]  # B*k decoded completions (stop token and padding removed)
-    prompt_index: Tensor  # [B*k] index of the prompt each row answers
-    k: int  # completions per prompt
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
+# --- validation --------------------------------------------------------------------------------
 
 def _check_pair(ids: Tensor, mask: Tensor, name: str) -> None:
-    if not isinstance(ids, Tensor) or ids.dim() != 2:
-        raise ValueError(f"{name}_ids must be a 2-D tensor [batch, length]")
-    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
-        raise ValueError(f"{name}_mask must be a tensor of shape {tuple(ids.shape)}")
+    checks.tensor(f"{name}_ids", ids, dims=2, integral=True)
+    checks.tensor(f"{name}_mask", mask, integral=True)
+    if mask.shape != ids.shape:
+        raise ValueError(f"{name}_mask must have the shape of {name}_ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name}_mask must hold only 0 and 1")
 
+
+def _vocab_size(model) -> int:
+    emb = model.get_input_embeddings()
+    return emb.weight.shape[0] if emb is not None else model.config.vocab_size
+
+
+def _check_inputs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                  completion_mask: Tensor) -> None:
+    """Shapes, 0/1 masks, a real prompt token in every row, right-padded completions, ids inside
+    the vocabulary and sequences that fit the model's context."""
+    _check_pair(prompt_ids, prompt_mask, "prompt")
+    _check_pair(completion_ids, completion_mask, "completion")
+    if prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows but completion_ids has {completion_ids.shape[0]}")
+    if bool((prompt_mask.sum(1) == 0).any()):
+        raise ValueError("prompt_mask has a row with no real token: the first completion token would be "
+                         "predicted from padding")
+    if completion_mask.shape[1] > 1 and bool((completion_mask[:, 1:] > completion_mask[:, :-1]).any()):
+        raise ValueError("completion_mask must be right-padded (ones, then zeros) in every row")
+    V = _vocab_size(model)
+    for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"{name} must be token ids in [0, {V}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    n_ctx = _context_length(model)
+    longest = int((prompt_mask.sum(1) + completion_mask.sum(1)).max()) if len(prompt_ids) else 0
+    if n_ctx is not None and longest > n_ctx:
+        raise ValueError(f"prompt + completion is {longest} tokens long but the model's context is {n_ctx}")
+
+
+# --- layout helpers ------------------------------------------------------------------------------
 
 def left_align(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Move each row's real tokens (mask == 1) to the right end, keeping their order.
@@ -54,45 +76,54 @@ def left_align(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return ids.gather(1, order), mask.gather(1, order)
 
 
-def completion_mask(completion_ids: Tensor, eos_token_id: int | Sequence[int] | None) -> Tensor:
-    """1 on tokens up to and including the first stop token of each row, 0 after it.
+def completion_logits(logits: Tensor, prompt_width: int) -> Tensor:
+    """[B, P + T, V] logits of [prompt | completion] -> [B, T, V], row t predicting completion token t
+    (the token at position P + t is predicted by the logits at P + t - 1)."""
+    return logits[:, prompt_width - 1 : -1, :]
 
-    Args:
-        completion_ids: [B, T] generated tokens.
-        eos_token_id: stop token id(s), or ``None`` (every token is real).
 
-    Returns:
-        [B, T] long mask.
-    """
-    if eos_token_id is None:
-        return torch.ones_like(completion_ids)
-    eos = torch.as_tensor(eos_token_id, device=completion_ids.device).reshape(-1)
-    is_eos = torch.isin(completion_ids, eos).long()  # [B, T]
-    # Tokens strictly after the first stop have a stop somewhere before them.
-    before = torch.cumsum(is_eos, dim=1) - is_eos  # stops strictly before t
-    return (before == 0).long()
+def last_token_index(prompt_width: int, completion_mask: Tensor, before_last: bool = False) -> Tensor:
+    """[B] position in [prompt | completion] of each row's last real completion token (or of the
+    token before it, ``before_last``); a row with an empty completion gives the last prompt token."""
+    n = completion_mask.long().sum(1)  # [B] real completion tokens
+    if before_last:
+        n = (n - 1).clamp(min=0)
+    return prompt_width - 1 + n
+
+
+# --- forward passes ------------------------------------------------------------------------------
+
+def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kw):
+    """:func:`forward` without input checks (for loops over inputs already checked or generated)."""
+    order = torch.argsort(prompt_mask.long(), dim=1, stable=True)  # left-align the prompts
+    prompt_ids, prompt_mask = prompt_ids.gather(1, order), prompt_mask.gather(1, order)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+    attn = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    return model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False, **kw)
 
 
 def forward(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor, **kw):
     """One forward pass on [prompt | completion] with positions that skip the padding.
 
-    Prompts are left-aligned first, so the logits at position ``P - 1 + t`` (P = prompt width)
-    predict completion token t. Extra keyword arguments go to the model.
+    Prompts are left-aligned first, so ``completion_logits(out.logits, P)`` row t predicts
+    completion token t (P = prompt width). Extra keyword arguments go to the model.
 
     Returns:
         The model's output (``.logits`` of shape [B, P + T, V]).
     """
-    _check_pair(prompt_ids, prompt_mask, "prompt")
-    _check_pair(completion_ids, completion_mask, "completion")
-    if prompt_ids.shape[0] != completion_ids.shape[0]:
-        raise ValueError(
-            f"prompt_ids has {prompt_ids.shape[0]} rows but completion_ids has {completion_ids.shape[0]}"
-        )
-    prompt_ids, prompt_mask = left_align(prompt_ids, prompt_mask)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
-    attn = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
-    return model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False, **kw)
+    _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kw)
+
+
+def _sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
+    """:func:`sequence_logprobs` without input checks."""
+    P = prompt_ids.shape[1]
+    logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
+    logp = torch.log_softmax(completion_logits(logits, P).float() / temperature, dim=-1)  # [B, T, V]
+    per_token = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    per_token = per_token * completion_mask.to(per_token.dtype)
+    return per_token.sum(-1), per_token
 
 
 def sequence_logprobs(
@@ -107,24 +138,17 @@ def sequence_logprobs(
 
     Args:
         model: a causal LM (``AutoModelForCausalLM``).
-        prompt_ids, prompt_mask: [B, P] prompts (left- or right-padded).
+        prompt_ids, prompt_mask: [B, P] prompts (left- or right-padded; one real token at least).
         completion_ids, completion_mask: [B, T] right-padded completions.
         temperature: logits are divided by it first (as when sampling), > 0.
 
     Returns:
-        ``(summed [B], per_token [B, T])``; per_token is 0 where ``completion_mask`` is 0.
+        ``(summed [B], per_token [B, T])`` in float32; per_token is 0 where ``completion_mask`` is 0.
         Gradients flow into the model's parameters.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    P = prompt_ids.shape[1]
-    logits = forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
-    # The token at position P+t is predicted by the logits at P+t-1.
-    logits = logits[:, P - 1 : -1, :].float() / temperature  # [B, T, V]
-    logp = torch.log_softmax(logits, dim=-1)
-    per_token = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    per_token = per_token * completion_mask.to(per_token.dtype)
-    return per_token.sum(-1), per_token
+    temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
+    _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return _sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
 
 
 @torch.no_grad()
@@ -135,113 +159,30 @@ def embed(
     completion_ids: Tensor,
     completion_mask: Tensor,
     layer: int = -1,
+    before_last: bool = False,
     batch_size: int = 1024,
 ) -> Tensor:
     r"""phi(x, y): the hidden state of the last real completion token at ``layer``.
 
     ``layer`` indexes ``output_hidden_states``: 0 is the embedding output, i the output of block
-    i, -1 the last entry (after the final norm in GPT-2, Llama and Qwen2). A row with an empty
+    i, -1 the last entry (after the final norm in GPT-2, Llama and Qwen2). ``before_last=True``
+    reads the token before the last one instead: with completions that end in a stop token, the
+    last token of the answer itself (the Q-Probe paper's position). A row with an empty
     completion uses the last prompt token.
 
     Returns:
         [B, d] float32 features on the model's device.
     """
-    _check_pair(completion_ids, completion_mask, "completion")
+    _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    batch_size = checks.integer("batch_size", batch_size, low=1)
+    n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
+    layer = checks.integer("layer", layer, low=-(n_layers + 1), high=n_layers)
     P = prompt_ids.shape[1]
     out = []
     for s in range(0, completion_ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
-        hs = forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
-                      output_hidden_states=True).hidden_states
-        n_layers = len(hs)
-        if not -n_layers <= layer < n_layers:
-            raise ValueError(f"layer must be in [{-n_layers}, {n_layers - 1}], got {layer}")
-        h = hs[layer]  # [b, P+T, d]
-        last = P - 1 + completion_mask[sl].long().sum(1)  # [b] index of the last real token
+        h = _forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
+                     output_hidden_states=True).hidden_states[layer]  # [b, P+T, d]
+        last = last_token_index(P, completion_mask[sl], before_last)  # [b]
         out.append(h[torch.arange(h.shape[0], device=h.device), last].float())
     return torch.cat(out)
-
-
-def sample(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    k: int = 1,
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    logits_processor=None,
-    seed: int | None = 0,
-    batch_size: int = 512,
-) -> Samples:
-    r"""Draw k completions for each prompt with ``model.generate`` (KV cache on).
-
-    ``temperature=0`` means greedy decoding. Sampling is seeded: the same ``seed`` gives the same
-    completions on the same device, and the global RNG state is restored afterwards.
-
-    Args:
-        prompts: B prompt texts.
-        k: completions per prompt.
-        logits_processor: a ``LogitsProcessorList`` (or list) passed to ``generate``; it runs
-            before temperature, top-k and top-p.
-        batch_size: rows (prompt copies) per ``generate`` call.
-
-    Returns:
-        :class:`Samples` with B·k rows, prompt-major (rows i·k … i·k+k-1 answer prompt i).
-    """
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a list of strings")
-    if len(prompts) == 0:
-        raise ValueError("prompts must not be empty")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-
-    device = next(model.parameters()).device
-    gen = model.generation_config
-    eos = gen.eos_token_id
-    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
-    greedy = temperature == 0
-    config = GenerationConfig(
-        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-        temperature=None if greedy else temperature, top_k=None if greedy else (top_k or 0),
-        top_p=None if greedy else (top_p if top_p is not None else 1.0),
-        bos_token_id=gen.bos_token_id,
-    )
-    processors = LogitsProcessorList(list(logits_processor or []))
-
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
-    ids = enc["input_ids"].repeat_interleave(k, dim=0)  # [B*k, P]
-    mask = enc["attention_mask"].repeat_interleave(k, dim=0)
-
-    chunks = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for s in range(0, ids.shape[0], batch_size):
-            out = model.generate(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size],
-                                 generation_config=config, logits_processor=processors)
-            chunks.append(out[:, ids.shape[1] :])
-    T = max(c.shape[1] for c in chunks)
-    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])
-    cmask = completion_mask(completion_ids, eos)
-    stops = set(torch.as_tensor(eos).reshape(-1).tolist()) if eos is not None else set()
-    texts = tokenizer.batch_decode(
-        [[t for t, m in zip(row, mrow) if m and t not in stops] for row, mrow in
-         zip(completion_ids.tolist(), cmask.tolist())],
-        skip_special_tokens=True,
-    )
-    index = torch.arange(len(prompts), device=device).repeat_interleave(k)
-    return Samples(ids, mask, completion_ids, cmask, texts, index, k)

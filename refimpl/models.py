@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from .config import Scale, cache_dir, chapter_device, get_scale
+from . import checks
+from .config import Scale, cache_dir, device as pick_device, get_scale
 
-__all__ = ["load_model", "toy_model_path", "train_device", "pretrain", "TOY_MODELS"]
+__all__ = ["load_model", "toy_model_path", "pretrain", "TOY_MODELS"]
 
 FORMAT_VERSION = 1  # bump when a toy model's recipe changes, so caches are rebuilt
 TRAIN_THREADS = 2  # CPU threads used to train toy models (part of the recipe: see toy_model_path)
@@ -36,9 +37,10 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
     Returns:
         The loss at every step.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    torch.manual_seed(seed)
+    steps = checks.integer("steps", steps, low=1)
+    warmup = checks.integer("warmup", warmup, low=1)
+    lr = checks.real("lr", lr, low=0.0, low_open=True)
+    torch.manual_seed(checks.integer("seed", seed))
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -94,9 +96,9 @@ def _build_arith(scale: Scale, out: Path, layers: int | None = None, width: int 
     tok = arith.build_tokenizer(cfg)
     stop_id = tok.convert_tokens_to_ids(arith.STOP)
     torch.manual_seed(seed)
-    model = _gpt2(len(tok), layers, width, heads, 32, tok, stop_id).to(train_device(scale))
+    model = _gpt2(len(tok), layers, width, heads, 32, tok, stop_id).to(pick_device(scale))
     lines = arith.corpus(steps * batch, seed=corpus_seed, cfg=cfg)
-    data = _encode_lines(tok, lines).to(train_device(scale))  # [n, L]: every line has the same length
+    data = _encode_lines(tok, lines).to(pick_device(scale))  # [n, L]: every line has the same length
     batches = lambda s: data[s * batch : (s + 1) * batch]
     losses = pretrain(model, batches, steps, lr=2e-3, seed=seed)
     model.to("cpu")
@@ -137,10 +139,16 @@ TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
 }
 
 
-def train_device(scale: Scale) -> torch.device:
-    """Where the task-world models are pretrained: the CPU at the smoke scale (reproducible bit for
-    bit), :func:`~refimpl.config.chapter_device` at the full scale (a GPU when there is one)."""
-    return chapter_device(scale) if scale.name == "full" else torch.device("cpu")
+def _remove_abandoned(path: Path) -> None:
+    """Delete temporary build folders of ``path`` left by a process that no longer runs."""
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = tmp.name[len(path.name) + 5:].split("-")[0]
+        try:
+            os.kill(int(pid), 0)  # raises if no such process
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
 
 
 def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
@@ -148,7 +156,7 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
 
     On the CPU (always at the smoke scale) training is deterministic: seeded, single process,
     ``TRAIN_THREADS`` threads, so the same machine type gives the same weights. At the full scale it
-    runs on :func:`train_device` (a GPU when there is one) in bfloat16 autocast, which is seeded but
+    runs on :func:`refimpl.config.device` (a GPU when there is one) in bfloat16 autocast, which is seeded but
     not bit-reproducible across GPU models or library versions; the cache key records the device
     type only. The folder is written under a temporary name and renamed into place, so a crash or
     a concurrent build never leaves a half-written model.
@@ -159,14 +167,15 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
     scale_dep = name != "refimpl/toy-exact"  # the exact world's model is the same at every scale
     sizes = {k: v for k, v in scale.__dict__.items() if k.startswith("arith_")}  # what shapes the model
     recipe = [name, sizes if scale_dep else None, FORMAT_VERSION]
-    if scale_dep and train_device(scale).type != "cpu":  # other hardware, other weights
-        recipe.append(train_device(scale).type)
+    if scale_dep and pick_device(scale).type != "cpu":  # other hardware, other weights
+        recipe.append(pick_device(scale).type)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"{name.split('/')[-1]}-{scale.name if scale_dep else 'any'}-{key}"
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    _remove_abandoned(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     threads = torch.get_num_threads()
     try:
         # CPU matmuls reduce in an order that depends on the thread count: pin it, so the weights
@@ -185,14 +194,16 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
     return path
 
 
-def load_model(name_or_path: str, device: torch.device | str | None = None,
+def load_model(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, scale: Scale | str | None = None):
     """(model, tokenizer) for a toy model name, a local folder, or a Hugging Face hub id.
+
+    Remote code is never run (``trust_remote_code=False``): a folder or hub id that needs it fails.
 
     Args:
         name_or_path: ``"refimpl/toy-arith"``, ``"refimpl/toy-exact"``, a folder written by
             ``save_pretrained``, or a hub id such as ``"Qwen/Qwen2.5-0.5B"``.
-        device: where to put the model (default: CUDA if available, else CPU).
+        device: where to put the model (default :func:`refimpl.config.device`: CUDA if available).
         dtype: parameter dtype (default float32).
         scale: toy models only: ``"smoke"``/``"full"`` (default ``$REFIMPL_SCALE``).
 
@@ -201,17 +212,26 @@ def load_model(name_or_path: str, device: torch.device | str | None = None,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import default_device
-
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
-    path = toy_model_path(str(name_or_path), scale) if str(name_or_path) in TOY_MODELS else name_or_path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    name = os.fspath(name_or_path)
+    path = toy_model_path(name, scale) if name in TOY_MODELS else Path(name).expanduser()
+    if not path.is_dir():
+        looks_like_path = isinstance(name_or_path, os.PathLike) or name.startswith((".", "/", "~")) or "\\" in name
+        if looks_like_path or name.count("/") > 1 or not name.strip():
+            raise ValueError(f"name_or_path {name!r}: no model folder there, and it is not a hub id (org/name)")
+        path = name  # a hub id: from_pretrained resolves it (network or the local hub cache)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load {name!r} (not a model folder here; as a hub id: {e})") from e
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # many hub models ship without one
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device if device is not None else default_device()).eval()
+    model.to(device if device is not None else pick_device()).eval()
     return model, tokenizer

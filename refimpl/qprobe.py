@@ -1,356 +1,235 @@
-r"""Q-probes: a linear probe on a frozen model's features, used to pick among k samples.
+r"""Q-probes: a probe on a frozen model's features, used to pick among k samples.
 
 Li, Jelassi, Zhang, Kakade, Wattenberg and Brandfonbrener, "Q-Probe: A Lightweight Approach to
 Reward Maximization for Language Models" (ICML 2024, arXiv 2402.14688). With
 phi(x, y) the hidden state of the last completion token of (x, y) and Q(x, y) = w·phi(x, y) + b:
 
 * inference: draw y_1..y_k ~ pi_base(.|x), p_i = softmax_i(Q_i / beta), return y_I, I ~ p
-  (beta = 0: argmax). Its exact expected reward is sum_i p_i r_i;
+  (beta = 0: argmax), with :mod:`refimpl.resample`. Its exact expected reward is sum_i p_i r_i;
 * reward-modelling losses: L_Q = mean (Q - r)^2 and L_CE = BCE(sigmoid Q, r);
-* the policy-learning loss L_PG = -E_x sum_i softmax_i(Q_i / beta) r_i over chunks of k samples;
-* preferences: Bradley-Terry L_BT = -log sigmoid(Q_chosen - Q_rejected).
+* the policy-learning loss L_PG = -E_x sum_i softmax_i(Q_i / beta) r_i over chunks of samples
+  of one prompt;
+* preferences: Bradley-Terry L_BT = -log sigmoid(Q_chosen - Q_rejected), or the hinge
+  L_hinge = max(0, 1 - (Q_chosen - Q_rejected)).
 
 As k grows the sampler tends to pi_base·exp(Q/beta)/Z, the KL-constrained optimum for reward Q
-(chapter ``qprobe``). :func:`collect` produces the tensors all of this needs from a model.
+(chapter ``qprobe``). :func:`refimpl.pools.collect` produces the features and rewards.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import lm
+from . import checks
+from .resample import _weights, expected_value
 
-__all__ = ["QProbe", "selection_weights", "expected_reward", "select", "mse_loss", "ce_loss",
-           "pg_loss", "bt_loss", "LOSSES", "train_probe", "chunk_expected_reward", "sampler_law",
-           "collect", "embed_texts"]
+__all__ = ["QProbe", "mse_loss", "ce_loss", "pg_loss", "bt_loss", "hinge_loss", "LOSSES", "ProbeFit",
+           "train_probe", "chunk_expected_reward"]
 
 
 class QProbe(nn.Module):
-    """Q(x, y) = w·phi(x, y) + b (``hidden=None``), or a one-hidden-layer ReLU MLP (ablation)."""
+    """Q(x, y) = w·phi(x, y) + b, or an MLP with ReLU hidden layers of the given widths.
 
-    def __init__(self, d: int, hidden: int | None = None):
+    Args:
+        d: feature dimension.
+        hidden: hidden-layer widths; ``()`` is the linear probe, ``(256,)`` the paper's 2-layer
+            and ``(256, 256)`` its 3-layer probe.
+    """
+
+    def __init__(self, d: int, hidden: Sequence[int] = ()):
         super().__init__()
-        if not isinstance(d, int) or d < 1:
-            raise ValueError(f"d must be a positive int, got {d!r}")
-        if hidden is None:
-            self.net = nn.Linear(d, 1)
-        elif isinstance(hidden, int) and hidden >= 1:
-            self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        else:
-            raise ValueError(f"hidden must be None or a positive int, got {hidden!r}")
+        d = checks.integer("d", d, low=1)
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise TypeError(f"hidden must be a sequence of layer widths, got {type(hidden).__name__}")
+        widths = [d] + [checks.integer("hidden", h, low=1) for h in hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        # The linear probe is a bare nn.Linear (``probe.net.weight`` is w); an MLP a Sequential.
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], 1)) if layers else nn.Linear(d, 1)
 
     def forward(self, features: Tensor) -> Tensor:
         """[..., d] features -> [...] Q values."""
         return self.net(features).squeeze(-1)
 
 
-def _check_q(q: Tensor, beta: float, name: str = "q") -> None:
-    if not isinstance(q, Tensor) or not q.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor")
-    if q.dim() == 0 or q.shape[-1] < 1:
-        raise ValueError(f"{name} must have a last dimension of k >= 1 candidates, got shape {tuple(q.shape)}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
-    if not (beta >= 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be >= 0 and finite, got {beta}")
-
-
-def _check_rewards(q: Tensor, rewards: Tensor) -> None:
-    if not isinstance(rewards, Tensor):
-        raise TypeError("rewards must be a tensor")
-    if rewards.shape != q.shape:
-        raise ValueError(f"rewards has shape {tuple(rewards.shape)} but q has shape {tuple(q.shape)}")
-
-
-def selection_weights(q: Tensor, beta: float) -> Tensor:
-    r"""p_i = softmax_i(Q_i / beta) over the last dim; beta = 0 gives a one-hot argmax.
-
-    Ties at beta = 0 go to the first index (``torch.argmax``'s documented rule).
-
-    Args:
-        q: [..., k] probe values of k candidates.
-        beta: temperature, >= 0.
-
-    Returns:
-        [..., k] selection probabilities.
-    """
-    _check_q(q, beta)
-    if beta == 0:
-        return F.one_hot(q.argmax(-1), q.shape[-1]).to(q.dtype)
-    return torch.softmax(q / beta, dim=-1)
-
-
-def expected_reward(q: Tensor, rewards: Tensor, beta: float) -> Tensor:
-    r"""sum_i p_i r_i: the exact expected reward of one softmax-over-k draw.
-
-    Args:
-        q, rewards: [..., k].
-
-    Returns:
-        [...] expected reward.
-    """
-    _check_q(q, beta)
-    _check_rewards(q, rewards)
-    return (selection_weights(q, beta) * rewards).sum(-1)
-
-
-def select(q: Tensor, beta: float, generator: torch.Generator | None = None) -> Tensor:
-    """Indices I ~ softmax(Q / beta) of the chosen candidates (argmax at beta = 0).
-
-    Args:
-        q: [..., k].
-        generator: for reproducible draws (on q's device).
-
-    Returns:
-        [...] long indices in 0..k-1.
-    """
-    p = selection_weights(q, beta)  # [..., k]
-    if beta == 0:
-        return p.argmax(-1)
-    flat = p.reshape(-1, p.shape[-1])  # [B, k]
-    return torch.multinomial(flat, 1, generator=generator).reshape(p.shape[:-1])
+def _pair(q: Tensor, rewards: Tensor, name: str = "rewards") -> None:
+    checks.tensor("q", q, min_dims=1, floating=True)
+    checks.tensor(name, rewards, floating=True)
+    checks.same_shape(q=q, **{name: rewards})
+    checks.finite("q", q)
+    checks.finite(name, rewards)
 
 
 def mse_loss(q: Tensor, rewards: Tensor) -> Tensor:
     """L_Q = mean (Q - r)^2 (reward modelling by regression)."""
-    _check_rewards(q, rewards)
+    _pair(q, rewards)
     return F.mse_loss(q, rewards)
 
 
 def ce_loss(q: Tensor, rewards: Tensor) -> Tensor:
     """L_CE = mean BCE(sigmoid Q, r), for rewards in [0, 1] (reward modelling by classification)."""
-    _check_rewards(q, rewards)
+    _pair(q, rewards)
     return F.binary_cross_entropy_with_logits(q, rewards)
 
 
 def pg_loss(q: Tensor, rewards: Tensor, beta: float = 1.0) -> Tensor:
-    r"""L_PG = -(1/P) sum_x sum_i softmax_i(Q_i / beta) r_i over chunks of k candidates.
+    r"""L_PG = -(1/P) sum_x sum_i softmax_i(Q_i / beta) r_i over chunks of candidates of one prompt.
 
-    Its gradient is dL/dQ_i = -(1/(beta P)) p_i (r_i - sum_j p_j r_j): a baseline-subtracted
-    policy gradient for the softmax-over-k policy, so adding a constant to r changes nothing.
+    Its gradient is dL/dQ_i = -(1/(beta P)) p_i (r_i - sum_j p_j r_j): a policy gradient for the
+    softmax-over-k policy whose baseline is the selection-weighted mean reward sum_j p_j r_j, so
+    adding a constant to r changes nothing.
 
     Args:
-        q, rewards: [P, k] (or [..., k]; the mean runs over all leading dims).
+        q, rewards: [P, m] (or [..., m]; the mean runs over all leading dims): m candidates per chunk.
         beta: temperature, > 0 (the argmax at beta = 0 has no gradient).
     """
-    _check_q(q, beta)
-    _check_rewards(q, rewards)
-    if beta == 0:
-        raise ValueError("beta must be > 0 for pg_loss (the argmax has no gradient)")
-    return -expected_reward(q, rewards, beta).mean()
+    beta = checks.beta(beta)
+    _pair(q, rewards)
+    if q.shape[-1] < 2:
+        raise ValueError("pg_loss needs chunks of at least 2 candidates (with one, softmax is constant "
+                         "and the gradient is zero)")
+    return -(_weights(q, beta) * rewards).sum(-1).mean()
 
 
 def bt_loss(q_chosen: Tensor, q_rejected: Tensor) -> Tensor:
     """L_BT = mean -log sigmoid(Q_chosen - Q_rejected) (Bradley-Terry on preference pairs)."""
-    _check_rewards(q_chosen, q_rejected)
+    _pair(q_chosen, q_rejected, "q_rejected")  # (q_chosen is reported as "q")
     return -F.logsigmoid(q_chosen - q_rejected).mean()
 
 
-LOSSES = ("mse", "ce", "pg", "bt")
+def hinge_loss(q_chosen: Tensor, q_rejected: Tensor, margin: float = 1.0) -> Tensor:
+    """L_hinge = mean max(0, margin - (Q_chosen - Q_rejected)) (the paper's hinge variant)."""
+    _pair(q_chosen, q_rejected, "q_rejected")
+    margin = checks.real("margin", margin, low=0.0)
+    return F.relu(margin - (q_chosen - q_rejected)).mean()
 
 
-def _batches(features: Tensor, rewards: Tensor, loss: str, k: int, batch_size: int,
-             g: torch.Generator) -> list[tuple[Tensor, Tensor]]:
-    """One epoch of shuffled minibatches: [b, d]/[b] samples, or [b, k, d]/[b, k] chunks for PG,
-    [b, 2, d]/[b, 2] pairs for BT."""
+def _chunks(features: Tensor, rewards: Tensor, chunk_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Reshuffle each prompt's samples, then cut them into disjoint chunks: [P*n/m, m, d], [P*n/m, m]."""
     P, n, d = features.shape
-    dev = features.device
-    if loss == "pg":
-        # Reshuffle each prompt's samples, then cut them into n // k disjoint chunks of k.
-        perm = torch.argsort(torch.rand(P, n, generator=g), dim=1).to(dev)  # [P, n]
-        m = (n // k) * k
-        f = features.gather(1, perm[:, :m, None].expand(-1, -1, d)).reshape(-1, k, d)  # [P*n/k, k, d]
-        r = rewards.gather(1, perm[:, :m]).reshape(-1, k)  # [P*n/k, k]
-    elif loss == "bt":
-        f, r = features, rewards  # [P, 2, d], [P, 2]: one pair per row
-    else:
-        f, r = features.reshape(P * n, d), rewards.reshape(P * n)  # [P*n, d], [P*n]
-    order = torch.randperm(f.shape[0], generator=g).to(dev)  # drawn on the CPU: same on every device
-    return [(f[order[s : s + batch_size]], r[order[s : s + batch_size]])
-            for s in range(0, f.shape[0], batch_size)]
+    perm = torch.argsort(torch.rand(P, n, generator=g), dim=1).to(features.device)  # [P, n]
+    m = (n // chunk_size) * chunk_size
+    f = features.gather(1, perm[:, :m, None].expand(-1, -1, d)).reshape(-1, chunk_size, d)
+    r = rewards.gather(1, perm[:, :m]).reshape(-1, chunk_size)
+    return f, r
 
 
-def _loss(probe: QProbe, f: Tensor, r: Tensor, loss: str, beta: float) -> Tensor:
-    q = probe(f)
-    if loss == "mse":
-        return mse_loss(q, r)
-    if loss == "ce":
-        return ce_loss(q, r)
-    if loss == "pg":
-        return pg_loss(q, r, beta)
-    chosen = (r[:, 1] > r[:, 0]).long()  # [b]: column of the preferred item
-    q_c = q.gather(1, chosen[:, None]).squeeze(1)
-    q_r = q.gather(1, 1 - chosen[:, None]).squeeze(1)
-    return bt_loss(q_c, q_r)
+def _pairs_loss(fn: Callable) -> Callable:
+    def loss(probe: QProbe, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        q = probe(f)  # [b, 2]
+        chosen = (r[:, 1] > r[:, 0]).long()[:, None]  # [b, 1]: column of the preferred item
+        return fn(q.gather(1, chosen).squeeze(1), q.gather(1, 1 - chosen).squeeze(1))
+    return loss
 
 
-def train_probe(features: Tensor, rewards: Tensor, loss: str = "pg", beta: float = 1.0, k: int = 10,
+# Each loss: (how an epoch is cut into examples, the loss of a minibatch). "samples" sees samples
+# one by one, "chunks" sees chunks of samples of one prompt, "pairs" one preference pair per row.
+LOSSES: dict[str, tuple[str, Callable]] = {
+    "mse": ("samples", lambda probe, f, r, beta: F.mse_loss(probe(f), r)),
+    "ce": ("samples", lambda probe, f, r, beta: F.binary_cross_entropy_with_logits(probe(f), r)),
+    "pg": ("chunks", lambda probe, f, r, beta: -(_weights(probe(f), beta) * r).sum(-1).mean()),
+    "bt": ("pairs", _pairs_loss(lambda qc, qr: -F.logsigmoid(qc - qr).mean())),
+    "hinge": ("pairs", _pairs_loss(lambda qc, qr: F.relu(1.0 - (qc - qr)).mean())),
+}
+
+
+class ProbeFit(NamedTuple):
+    """A trained probe (eval mode) and the mean training loss of every epoch."""
+
+    probe: QProbe
+    curve: list[float]
+
+
+def train_probe(features: Tensor, rewards: Tensor, loss: str = "pg", beta: float = 1.0, chunk_size: int = 10,
                 epochs: int = 150, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 1000,
-                hidden: int | None = None, seed: int = 0, device: torch.device | str | None = None
-                ) -> tuple[QProbe, list[float]]:
+                hidden: Sequence[int] = (), seed: int = 0, device: torch.device | str | None = None) -> ProbeFit:
     r"""Train a Q-probe with AdamW on frozen features.
 
     ``loss="mse"``/``"ce"`` see samples one by one (batches of ``batch_size`` samples);
-    ``loss="pg"`` sees chunks of ``k`` samples of the same prompt, reshuffled every epoch (batches
-    of ``batch_size // k`` chunks); ``loss="bt"`` sees one preference pair per row, the preferred
-    item being the one with the larger reward.
+    ``loss="pg"`` sees chunks of ``chunk_size`` samples of the same prompt, reshuffled every epoch
+    (batches of ``batch_size // chunk_size`` chunks); ``"bt"``/``"hinge"`` see one preference pair
+    per row, the preferred item being the one with the larger reward.
 
     Args:
-        features: [P, n, d] features of n samples for each of P prompts ([P, 2, d] for ``"bt"``).
-        rewards: [P, n] rewards ([P, 2] preference labels, unequal within a row, for ``"bt"``).
-        loss: one of ``"mse"``, ``"ce"``, ``"pg"``, ``"bt"``.
+        features: [P, n, d] features of n samples for each of P prompts ([P, 2, d] for pairs).
+        rewards: [P, n] rewards ([P, 2] preference labels, unequal within a row, for pairs).
+        loss: a key of :data:`LOSSES`.
         beta: training temperature of ``"pg"``, > 0.
-        k: chunk size of ``"pg"``, 1 <= k <= n.
-        hidden: MLP hidden size (``None``: linear probe).
+        chunk_size: samples per chunk for ``"pg"``, 2 <= chunk_size <= n.
+        hidden: MLP hidden widths (``()``: the linear probe).
         seed: initialisation and shuffling seed.
         device: where to train (default: the features' device).
 
     Returns:
-        ``(probe, curve)``: the trained probe (in eval mode, on ``device``) and the mean training
-        loss of every epoch.
+        :class:`ProbeFit`: the probe (in eval mode, on ``device``) and the loss curve.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if not isinstance(features, Tensor) or features.dim() != 3:
-        raise ValueError("features must be a 3-D tensor [P, n, d]")
-    if not isinstance(rewards, Tensor) or rewards.shape != features.shape[:2]:
-        raise ValueError(f"rewards must have shape {tuple(features.shape[:2])} (features' [P, n])")
-    if not isinstance(k, int) or not 1 <= k <= features.shape[1]:
-        raise ValueError(f"k must be an int in [1, n={features.shape[1]}], got {k!r}")
-    if loss == "pg":
-        _check_q(rewards.float(), beta, "rewards")
-        if beta == 0:
-            raise ValueError("beta must be > 0 for loss='pg'")
-    if loss == "bt" and (features.shape[1] != 2 or bool((rewards[:, 0] == rewards[:, 1]).any())):
-        raise ValueError("loss='bt' needs features [P, 2, d] and rewards [P, 2] with unequal entries")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    kind, step_loss = LOSSES[checks.choice("loss", loss, LOSSES)]
+    checks.tensor("features", features, dims=3, floating=True)
+    checks.tensor("rewards", rewards, dims=2)
+    if rewards.shape != features.shape[:2]:
+        raise ValueError(f"rewards must have shape {tuple(features.shape[:2])} (features' [P, n]), "
+                         f"got {tuple(rewards.shape)}")
+    if features.shape[0] < 1 or features.shape[1] < 1:
+        raise ValueError(f"features must hold at least one sample, got shape {tuple(features.shape)}")
+    checks.finite("features", features)
+    checks.finite("rewards", rewards.float())
+    beta = checks.beta(beta)
+    epochs = checks.integer("epochs", epochs, low=1)
+    batch_size = checks.integer("batch_size", batch_size, low=1)
+    lr = checks.real("lr", lr, low=0.0, low_open=True)
+    weight_decay = checks.real("weight_decay", weight_decay, low=0.0)
+    if kind == "chunks":
+        chunk_size = checks.integer("chunk_size", chunk_size, low=2, high=features.shape[1])
+    if kind == "pairs" and (features.shape[1] != 2 or bool((rewards[:, 0] == rewards[:, 1]).any())):
+        raise ValueError(f"loss={loss!r} needs features [P, 2, d] and rewards [P, 2] with unequal entries")
     device = torch.device(device) if device is not None else features.device
     features, rewards = features.to(device, torch.float32), rewards.to(device, torch.float32)
-    torch.manual_seed(seed)
+    torch.manual_seed(checks.integer("seed", seed))
     probe = QProbe(features.shape[-1], hidden).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)  # CPU shuffles, so every device sees the same batches
-    per_batch = max(1, batch_size // k) if loss == "pg" else batch_size
+    per_batch = max(1, batch_size // chunk_size) if kind == "chunks" else batch_size
     curve = []
     for _ in range(epochs):
+        if kind == "chunks":
+            f, r = _chunks(features, rewards, chunk_size, g)
+        elif kind == "pairs":
+            f, r = features, rewards  # [P, 2, d], [P, 2]
+        else:
+            f, r = features.reshape(-1, features.shape[-1]), rewards.reshape(-1)  # [P*n, d], [P*n]
+        order = torch.randperm(f.shape[0], generator=g).to(device)  # drawn on the CPU: same on every device
         total = torch.zeros((), device=device)
-        batches = _batches(features, rewards, loss, k, per_batch, g)
-        for f, r in batches:
-            value = _loss(probe, f, r, loss, beta)
+        n_batches = 0
+        for s in range(0, f.shape[0], per_batch):
+            value = step_loss(probe, f[order[s : s + per_batch]], r[order[s : s + per_batch]], beta)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-            total = total + value.detach()
-        curve.append(total / len(batches))
+            total, n_batches = total + value.detach(), n_batches + 1
+        curve.append(total / n_batches)
     probe.eval()
-    return probe, torch.stack(curve).tolist()  # one host sync, at the end
+    return ProbeFit(probe, torch.stack(curve).tolist())  # one host sync, at the end
 
 
 def chunk_expected_reward(q: Tensor, rewards: Tensor, k: int, beta: float) -> Tensor:
     r"""Mean of sum_i p_i r_i over the disjoint chunks of k of each prompt's n samples (the paper's
-    evaluation).
+    evaluation of the softmax-over-k sampler).
 
     Args:
         q, rewards: [P, n]; the first (n // k)·k samples are used.
+        k: candidates per selection, 1 <= k <= n.
+        beta: selection temperature, >= 0.
 
     Returns:
         [P] the expected reward of the softmax-over-k sampler for each prompt.
     """
-    _check_rewards(q, rewards)
-    if not isinstance(k, int) or not 1 <= k <= q.shape[-1]:
-        raise ValueError(f"k must be an int in [1, n={q.shape[-1]}], got {k!r}")
+    checks.tensor("q", q, dims=2, floating=True)
+    _pair(q, rewards)
+    k = checks.integer("k", k, low=1, high=q.shape[-1])
     P, n = q.shape
     m = (n // k) * k
-    return expected_reward(q[:, :m].reshape(P, -1, k), rewards[:, :m].reshape(P, -1, k), beta).mean(-1)
-
-
-def sampler_law(logp_base: Tensor, q: Tensor, beta: float, ks: Sequence[int], n_mc: int = 2000,
-                generator: torch.Generator | None = None) -> Tensor:
-    r"""log P_k: the law of the softmax-over-k sampler's output, over a finite support.
-
-    P_k(y) = pi_base(y) w(y) E[k / (w(y) + sum_{j=2}^k w(Y_j))], w = exp(Q/beta), Y_j ~ pi_base,
-    estimated by Monte Carlo over the k-1 other draws. The same ``n_mc`` draws serve every y and
-    every k (cumulative sums), and each estimate is normalized (a ratio estimator).
-
-    Args:
-        logp_base: [..., N] log pi_base.
-        q: [..., N] Q(y) for every y of the support.
-        beta: > 0.
-        ks: candidate counts k >= 1.
-        n_mc: Monte Carlo draws.
-
-    Returns:
-        [len(ks), ..., N] log P_k.
-    """
-    _check_q(q, beta)
-    if beta == 0:
-        raise ValueError("beta must be > 0 for sampler_law")
-    _check_rewards(q, logp_base)
-    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"ks must be a non-empty list of ints >= 1, got {ks!r}")
-    shape, N, K = q.shape, q.shape[-1], max(ks)
-    base = logp_base.reshape(-1, N).exp()  # [R, N]
-    w = torch.exp((q - q.amax(-1, keepdim=True)) / beta).reshape(-1, N)  # [R, N], scaled: the law is scale-free
-    R = w.shape[0]
-    if K > 1:
-        idx = torch.multinomial(base, n_mc * (K - 1), replacement=True, generator=generator)  # [R, n_mc*(K-1)]
-        sums = w.gather(1, idx).view(R, n_mc, K - 1).cumsum(-1)  # [R, n_mc, K-1]: first j others
-    out = []
-    for k in ks:
-        others = sums[..., k - 2] if k > 1 else torch.zeros(R, n_mc, dtype=w.dtype, device=w.device)  # [R, n_mc]
-        p = base * w * (k / (w[:, None, :] + others[..., None])).mean(1)  # [R, N]
-        out.append((p / p.sum(-1, keepdim=True)).log().view(shape))
-    return torch.stack(out)
-
-
-def embed_texts(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], layer: int = -1,
-                batch_size: int = 1024) -> Tensor:
-    """phi(x, y) for text pairs, tokenized by ``tokenizer`` (a model other than the sampler's).
-
-    The completion is tokenized without special tokens and appended to the prompt.
-
-    Returns:
-        [B, d] float32 features.
-    """
-    if len(prompts) != len(completions):
-        raise ValueError(f"prompts has {len(prompts)} entries but completions has {len(completions)}")
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    x = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
-    tokenizer.padding_side = "right"
-    y = tokenizer(list(completions), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    tokenizer.padding_side = "left"
-    return lm.embed(model, x["input_ids"], x["attention_mask"], y["input_ids"], y["attention_mask"],
-                    layer=layer, batch_size=batch_size)
-
-
-def collect(model, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable, k: int,
-            layer: int = -1, seed: int = 0, max_new_tokens: int = 8, temperature: float = 1.0,
-            batch_size: int = 1024) -> tuple[Tensor, Tensor, list[str]]:
-    r"""Sample k completions per prompt, score them, and embed all P·k of them.
-
-    1. ``lm.sample``: k completions per prompt (one batched ``generate``).
-    2. ``reward_fn(texts, targets)``: one reward per completion.
-    3. ``lm.embed``: phi at ``layer`` of the last completion token, in batched forwards over
-       already-generated tokens (one parallel pass instead of a decoding loop: far cheaper than
-       generating where decoding is memory-bound, as on a GPU; about as costly on a CPU, where
-       both are compute-bound over the same tokens -- see ``bench/bench_qprobe.py``).
-
-    Returns:
-        ``(features [P, k, d], rewards [P, k], texts)``; texts are prompt-major (P·k strings).
-    """
-    if len(prompts) != len(targets):
-        raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
-    s = lm.sample(model, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                  seed=seed)  # lm.sample's own batching: the same seed gives the same samples
-    P = len(prompts)
-    device = s.completion_ids.device
-    rewards = reward_fn(s.texts, [t for t in targets for _ in range(k)]).to(device).float()
-    features = lm.embed(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask,
-                        layer=layer, batch_size=batch_size)  # [P*k, d]
-    return features.reshape(P, k, -1), rewards.reshape(P, k), s.texts  # prompt-major rows
+    return expected_value(q[:, :m].reshape(P, -1, k), rewards[:, :m].reshape(P, -1, k), beta).mean(-1)

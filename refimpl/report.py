@@ -19,7 +19,7 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["Report", "results_dir", "load_results", "render_markdown"]
+__all__ = ["Report", "results_dir", "reference_dir", "format_value"]
 
 Value = float | int | str | tuple[float, float]
 _FROM_ENV = object()  # Report's default ``out``: ``$REFIMPL_RESULTS``
@@ -41,10 +41,14 @@ def _number(name: str, value, lenient: bool) -> int | float | str:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"value of {name!r} must be a number, a string or a (mean, half-width) pair, "
                         f"got {type(value).__name__}")
-    if not math.isfinite(float(value)):
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond the float range
+        as_float = math.inf if value > 0 else -math.inf
+    if not math.isfinite(as_float):
         if lenient:
-            return str(float(value))
-        raise ValueError(f"value of {name!r} must be finite, got {value}")
+            return str(as_float)
+        raise ValueError(f"value of {name!r} must be finite (and within the float range), got {as_float}")
     return int(value) if isinstance(value, Integral) else float(value)
 
 
@@ -70,6 +74,19 @@ def _finite(v: Value) -> bool:
     return not any(x in ("nan", "inf", "-inf") for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, str))
 
 
+def reference_dir() -> Path | None:
+    """The committed results of this scale and device (``book/results/<scale>-<device>/`` of the
+    repository), or ``$REFIMPL_REFERENCE``; ``None`` when there is none (refimpl installed alone)."""
+    from .config import device, get_scale
+
+    root = os.environ.get("REFIMPL_REFERENCE")
+    if root:
+        return Path(root)
+    scale = get_scale()
+    folder = Path(__file__).resolve().parents[1] / "book" / "results" / f"{scale.name}-{device(scale).type}"
+    return folder if folder.is_dir() else None
+
+
 class Report:
     """The numbers and claims of one chapter (``chapter`` is the notebook's name, e.g. ``"02_qprobe"``).
 
@@ -77,17 +94,51 @@ class Report:
         chapter: the notebook's file name without extension.
         out: folder to write ``<chapter>.json`` into; by default ``$REFIMPL_RESULTS`` (when unset,
             and with ``out=None``, everything stays in memory and false claims raise).
+        reference: folder of committed results that :meth:`check` compares with; by default
+            :func:`reference_dir` when not recording, ``None`` (no comparison) when recording.
     """
 
-    def __init__(self, chapter: str, out=_FROM_ENV):
+    def __init__(self, chapter: str, out=_FROM_ENV, reference=_FROM_ENV):
         if not isinstance(chapter, str) or not chapter or "/" in chapter:
             raise ValueError(f"chapter must be a non-empty file stem, got {chapter!r}")
         self.chapter = chapter
+        if out is not _FROM_ENV and out is not None and (not isinstance(out, (str, os.PathLike)) or not os.fspath(out)):
+            raise ValueError(f"out must be a folder path or None, got {out!r}")
         self.out = results_dir() if out is _FROM_ENV else (Path(out) if out is not None else None)
         self.values: dict[str, Value] = {}
+        self.tolerances: dict[str, float] = {}
         self.claims: list[dict] = []
+        if reference is _FROM_ENV:
+            reference = None if self.out is not None else reference_dir()
+        path = Path(reference) / f"{chapter}.json" if reference is not None else None
+        self.reference: dict | None = json.loads(path.read_text())["values"] if path and path.exists() else None
         if self.out is not None:
             self._write()
+
+    def check(self, name: str, value, tol: float) -> None:
+        """Record a number that comes out of training or sampling, and compare it with the committed
+        reference: ``|value - reference| <= tol`` must hold (``AssertionError`` otherwise).
+
+        Such numbers change with the CPU's floating-point kernels (another machine trains another
+        model), so they are never compared digit by digit; ``tol`` states how far they may move.
+        Without a reference (recording it, or refimpl installed alone) the value is only recorded.
+        """
+        if not isinstance(tol, Real) or isinstance(tol, bool) or not tol >= 0 or not math.isfinite(tol):
+            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        value = _check_value(name, value, lenient=self.recording)
+        self.values[name] = value
+        self.tolerances[name] = float(tol)
+        self._write()
+        if self.reference is None:
+            return
+        if name not in self.reference:
+            raise AssertionError(f"{name!r} has no committed reference: run "
+                                 f"`python3 dev.py sync notebooks/{self.chapter}.md` and commit book/results/")
+        ref, got = self.reference[name], value
+        ref, got = (ref[0] if isinstance(ref, list) else ref), (got[0] if isinstance(got, tuple) else got)
+        if isinstance(ref, str) or isinstance(got, str) or abs(got - ref) > tol:
+            raise AssertionError(f"{name} = {format_value(got)} but the committed reference is "
+                                 f"{format_value(ref)} (tolerance {tol:g})")
 
     @property
     def recording(self) -> bool:
@@ -109,7 +160,7 @@ class Report:
         """State an empirical claim; ``numbers`` are the quantities it compares.
 
         Raises ``AssertionError`` when the claim is false and results are not being recorded;
-        otherwise appends it to :attr:`claims` (and prints it when false). A claim whose numbers
+        otherwise appends it to :attr:`claims` (the runner reports the false ones). A claim whose numbers
         are not all finite is recorded as not holding. Returns nothing, so a claim on a notebook
         cell's last line leaves no output.
         """
@@ -119,108 +170,29 @@ class Report:
         holds = bool(holds) and all(_finite(v) for v in nums.values())
         if not self.recording:
             if not holds:
-                detail = ", ".join(f"{k} = {_fmt(v)}" for k, v in nums.items())
+                detail = ", ".join(f"{k} = {format_value(v)}" for k, v in nums.items())
                 raise AssertionError(f"claim does not hold: {text}" + (f" ({detail})" if detail else ""))
             return
         self.claims.append({"claim": text, "holds": holds, "numbers": nums})
         self._write()
-        if not holds:
-            print(f"CLAIM DOES NOT HOLD: {text}", {k: _fmt(v) for k, v in nums.items()})
 
     def _write(self) -> None:
         if self.out is None:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        doc = {"chapter": self.chapter, "values": self.values, "claims": self.claims}
+        doc = {"chapter": self.chapter, "values": self.values, "tolerances": self.tolerances, "claims": self.claims}
         fd, tmp = tempfile.mkstemp(prefix=f".{self.chapter}.", suffix=".json", dir=self.out)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, allow_nan=False)
         os.replace(tmp, self.out / f"{self.chapter}.json")  # readers never see a half-written file
 
 
-def load_results(folder: str | os.PathLike) -> dict:
-    """``{"run": run.json, "chapters": {chapter: <chapter>.json}, "figures": {chapter: [png names]}}``."""
-    folder = Path(folder)
-    if not (folder / "run.json").exists():
-        raise ValueError(f"folder {str(folder)!r} holds no run.json (not a results folder)")
-    run = json.loads((folder / "run.json").read_text())
-    chapters, figures = {}, {}
-    for ch in run["chapters"]:
-        path = folder / f"{ch}.json"
-        chapters[ch] = json.loads(path.read_text()) if path.exists() else {"values": {}, "claims": []}
-        figures[ch] = sorted((p.name for p in folder.glob(f"{ch}-fig*.png")), key=lambda n: int(n[len(ch) + 4:-4]))
-    return {"run": run, "chapters": chapters, "figures": figures}
-
-
-def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell."""
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _fmt(v) -> str:
+def format_value(v: Value) -> str:
+    """A recorded value as the results page shows it (3 decimals, or 3 significant digits)."""
     if isinstance(v, str):
         return v
     if isinstance(v, int):
         return str(v)
     if isinstance(v, (tuple, list)):
-        return " ± ".join(x if isinstance(x, str) else f"{x:.3f}" for x in v)
+        return " ± ".join(x if isinstance(x, str) else format_value(float(x)) for x in v)
     return f"{v:.3g}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4) else f"{v:.3f}"
-
-
-def _run_header(name: str, run: dict) -> str:
-    v = run["versions"]
-    walls = ", ".join(f"{ch} {c['wall_s']:.0f} s" + ("" if c["status"] == "ok" else f" ({c['status']})")
-                      for ch, c in run["chapters"].items())
-    return (f"**{name}**: scale `{run['scale']}` on {run['device']}; {run['date']}; "
-            f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}"
-            + (f", TRL {v['trl']}" if v.get("trl") else "")
-            + f"; commit {run.get('commit') or 'unknown'}. Toy models ready in {run['models_wall_s']:.0f} s "
-            f"(trained, or read from the cache); chapters: {walls}. Command: `{run['command']}`.")
-
-
-def render_markdown(folders: dict[str, str | os.PathLike]) -> str:
-    """The results page's tables and figures from results folders, ``{column title: folder}``.
-
-    One section per chapter: a table of every recorded number (one column per run), a table of
-    every claim (holds / does not hold, per run) and the figures. Paths to figures are relative
-    to the folders' parent.
-    """
-    if not folders:
-        raise ValueError("folders must name at least one results folder")
-    runs = {name: load_results(f) for name, f in folders.items()}
-    names = list(runs)
-    lines = ["## Runs", ""]
-    for name in names:
-        lines += ["- " + _run_header(name, runs[name]["run"])]
-    chapters = list(dict.fromkeys(ch for r in runs.values() for ch in r["run"]["chapters"]))
-    for ch in chapters:
-        lines += ["", f"## {ch}", ""]
-        for n in names:
-            status = runs[n]["run"]["chapters"].get(ch, {}).get("status", "ok")
-            if status != "ok":
-                lines += [f"**{n}: this chapter did not finish ({status}); its numbers and claims stop where "
-                          f"it stopped.**", ""]
-        keys = list(dict.fromkeys(k for r in runs.values() for k in r["chapters"].get(ch, {"values": {}})["values"]))
-        if keys:
-            lines += ["| quantity | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-            for k in keys:
-                cells = [_cell(_fmt(runs[n]["chapters"][ch]["values"][k])) if ch in runs[n]["chapters"]
-                         and k in runs[n]["chapters"][ch]["values"] else "–" for n in names]
-                lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
-            lines.append("")
-        texts = list(dict.fromkeys(c["claim"] for r in runs.values() for c in r["chapters"].get(ch, {"claims": []})["claims"]))
-        if texts:
-            lines += ["| claim | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-            for t in texts:
-                cells = []
-                for n in names:
-                    found = [c for c in runs[n]["chapters"].get(ch, {"claims": []})["claims"] if c["claim"] == t]
-                    cells.append("–" if not found else ("holds" if found[0]["holds"] else "**does not hold**"))
-                lines.append(f"| {_cell(t)} | " + " | ".join(cells) + " |")
-            lines.append("")
-        for n in names:
-            figs = runs[n]["figures"].get(ch, [])
-            if figs:
-                rel = Path(folders[n]).name
-                lines += [f"Figures, {n}:", ""] + [f"![{ch} {n} {f}]({rel}/{f})" for f in figs] + [""]
-    return "\n".join(lines).rstrip() + "\n"

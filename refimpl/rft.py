@@ -8,56 +8,65 @@ prompts are available; this is the cheapest version of that competitor.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
-from . import lm
+from . import checks, lm
 
 __all__ = ["finetune_on_successes"]
 
 
 def finetune_on_successes(model, samples: lm.Samples, rewards: Tensor, epochs: int = 3, lr: float = 3e-4,
-                          batch_size: int = 64, min_reward: float = 1.0, seed: int = 0):
-    """Fine-tune a copy of ``model`` on the rows of ``samples`` with ``rewards >= min_reward``.
+                          batch_size: int = 64, min_reward: float = 1.0, seed: int = 0) -> list[float]:
+    """Fine-tune ``model`` in place on the rows of ``samples`` with ``rewards >= min_reward``.
+
+    Rows with an empty completion carry no token to learn from and are skipped. The model is left
+    in eval mode (copy it first to keep the original: ``copy.deepcopy(model)``).
 
     Args:
-        model: the base causal LM (left untouched).
-        samples: :class:`refimpl.lm.Samples` drawn from ``model``.
+        model: the causal LM to fine-tune (modified in place).
+        samples: :class:`refimpl.lm.Samples` (drawn from ``model``, typically).
         rewards: [len(samples)] rewards of those rows.
-        epochs, lr, batch_size: AdamW fine-tuning schedule (constant lr).
+        epochs, lr, batch_size: AdamW fine-tuning schedule (constant lr, no weight decay).
         seed: shuffling seed.
 
     Returns:
-        ``(tuned_model, curve)``: the fine-tuned copy in eval mode and the mean per-token
-        negative log-likelihood of each epoch (empty if no row was kept).
+        The mean per-token negative log-likelihood of each epoch (empty if no row was kept).
     """
-    if not isinstance(rewards, Tensor) or rewards.shape != (len(samples),):
-        raise ValueError(f"rewards must be a tensor of shape ({len(samples)},)")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    tuned = copy.deepcopy(model)
-    keep = torch.nonzero(rewards.to(samples.completion_ids.device) >= min_reward).squeeze(1)  # [m]
-    curve: list[float] = []
+    if not isinstance(samples, lm.Samples):
+        raise TypeError(f"samples must be refimpl.lm.Samples, got {type(samples).__name__}")
+    checks.tensor("rewards", rewards, dims=1)
+    if rewards.shape[0] != len(samples):
+        raise ValueError(f"rewards must have shape ({len(samples)},), got {tuple(rewards.shape)}")
+    checks.finite("rewards", rewards.float())
+    epochs = checks.integer("epochs", epochs, low=1)
+    batch_size = checks.integer("batch_size", batch_size, low=1)
+    lr = checks.real("lr", lr, low=0.0, low_open=True)
+    min_reward = checks.real("min_reward", min_reward)
+    lm._check_inputs(model, samples.prompt_ids, samples.prompt_mask, samples.completion_ids, samples.completion_mask)
+    device = samples.completion_ids.device
+    keep_rows = (rewards.to(device) >= min_reward) & (samples.completion_mask.sum(1) > 0)
+    keep = torch.nonzero(keep_rows).squeeze(1)  # [m]
+    curve: list[Tensor] = []
     if keep.numel() == 0:
-        return tuned.eval(), curve
-    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    tuned.train()
+        return []
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(checks.integer("seed", seed))
+    model.train()
     for _ in range(epochs):
         order = keep[torch.randperm(keep.numel(), generator=g).to(keep.device)]
         total, n_tok = 0.0, 0
         for s in range(0, order.numel(), batch_size):
             rows = order[s : s + batch_size]  # [b]
             mask = samples.completion_mask[rows]
-            summed, _ = lm.sequence_logprobs(tuned, samples.prompt_ids[rows], samples.prompt_mask[rows],
-                                             samples.completion_ids[rows], mask)
-            n = mask.sum()
+            summed, _ = lm._sequence_logprobs(model, samples.prompt_ids[rows], samples.prompt_mask[rows],
+                                              samples.completion_ids[rows], mask)
+            n = mask.sum()  # > 0: every kept row has a real token
             loss = -summed.sum() / n  # mean token NLL of the kept completions
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, n_tok = total + loss.detach() * n, n_tok + n
         curve.append(total / n_tok)
-    return tuned.eval(), torch.stack(curve).tolist()
+    model.eval()
+    return torch.stack(curve).tolist()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from . import checks
 from .gvpo import gvpo_loss
 
 __all__ = ["GVPOTrainerConfig", "GVPOTrainer"]
@@ -40,8 +41,7 @@ class GVPOTrainerConfig(GRPOConfig):
             self.scale_rewards = "none"
         self.beta = 0.0  # TRL's own k3 KL penalty and reference model stay off
         super().__post_init__()
-        if not self.gvpo_beta > 0:
-            raise ValueError(f"gvpo_beta must be positive, got {self.gvpo_beta}")
+        self.gvpo_beta = checks.beta(self.gvpo_beta, "gvpo_beta")
         if self.gvpo_anchor not in ("old", "reference"):
             raise ValueError(f"gvpo_anchor must be 'old' or 'reference', got {self.gvpo_anchor!r}")
         if self.per_device_train_batch_size % self.num_generations != 0:

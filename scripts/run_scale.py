@@ -28,7 +28,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ["00_worlds", "01_kl_optimum", "02_qprobe", "03_gvpo", "04_idle"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_page, beside this script
+
+
+def chapters_from_toc(toc: Path = ROOT / "_toc.yml") -> list[str]:
+    """The notebook chapters, in the book's order: every ``file: notebooks/<name>`` entry of _toc.yml."""
+    import yaml
+
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            f = node.get("file")
+            if isinstance(f, str) and f.startswith("notebooks/"):
+                found.append(f.split("/", 1)[1])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(yaml.safe_load(toc.read_text()))
+    return found
+
+
+CHAPTERS = chapters_from_toc()
 SCRIPTS = ROOT / "build" / "scale-scripts"
 RESULTS = ROOT / "book" / "results"
 DRY_RUN = ROOT / "build" / "dry-run"
@@ -54,6 +78,14 @@ plt.show = show
 runpy.run_path(script, run_name="__main__")
 show()  # figures the chapter drew but did not show
 """
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
+    the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def source_hash(chapter: str) -> str:
@@ -163,7 +195,7 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
 
     def save():
         record["chapters"] = {c: record["chapters"][c] for c in CHAPTERS if c in record["chapters"]}
-        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_atomic(out / "run.json", json.dumps(record, indent=1) + "\n")
 
     for ch in chapters:
         # Marked as running first: a run killed here leaves "running", never an old "ok".
@@ -174,18 +206,22 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
         rel = os.path.relpath(scripts[ch], ROOT / "notebooks")
         proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(out), ch, rel], env=env, text=True,
                               cwd=ROOT / "notebooks", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        (out / f"{ch}.log").write_text(scrub(proc.stdout))  # no machine paths in committed logs
+        write_atomic(out / f"{ch}.log", scrub(proc.stdout))  # no machine paths in committed logs
         wall = time.perf_counter() - t0
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
         record["chapters"][ch].update(wall_s=round(wall, 1), status=status)
         save()
         print(f"{ch}: {status} in {wall:.0f} s", flush=True)
+        if (out / f"{ch}.json").exists():
+            for c in json.loads((out / f"{ch}.json").read_text())["claims"]:
+                if not c["holds"]:
+                    print(f"  CLAIM DOES NOT HOLD: {c['claim']} {c['numbers']}", flush=True)
     return out, all(record["chapters"][ch]["status"] == "ok" for ch in chapters)
 
 
 def summary_text(results: Path = RESULTS) -> str:
     """The text of ``summary.md`` for every results folder under ``results`` (smoke runs first)."""
-    from refimpl.report import render_markdown
+    from results_page import render_markdown
 
     order = {"smoke": 0, "full": 1}
     folders = sorted((p for p in results.iterdir() if (p / "run.json").exists()),
@@ -200,7 +236,7 @@ def summary_text(results: Path = RESULTS) -> str:
 def render() -> Path:
     """Rewrite ``book/results/summary.md`` from every results folder present."""
     path = RESULTS / "summary.md"
-    path.write_text(summary_text())
+    write_atomic(path, summary_text())
     return path
 
 

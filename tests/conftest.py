@@ -12,9 +12,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(scope="session")
 def exact_world():
+    from refimpl import load_model
     from refimpl.worlds import exact
 
-    return exact.make_world(device="cpu")
+    return exact.make_world(*load_model("refimpl/toy-exact", device="cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,14 @@ def test_cache_dir_and_device(monkeypatch, tmp_path):
     monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path))
     assert config.cache_dir() == tmp_path
     monkeypatch.setenv("REFIMPL_DEVICE", "cpu")
-    assert config.default_device() == torch.device("cpu")
+    assert config.device() == torch.device("cpu")
 
 
-def test_mean_ci():
+def test_mean_ci_is_student_t():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
     m, h = mean_ci(x)
-    assert m.item() == 2.5
-    assert abs(h.item() - 1.96 * x.double().std().item() / 2) < 1e-12
+    assert m == 2.5
+    assert abs(h - 3.182446305284263 * x.double().std().item() / 2) < 1e-9  # t_{0.975, 3}
     with pytest.raises(ValueError, match="at least 2"):
         mean_ci(torch.tensor([1.0]))
 
@@ -36,14 +36,16 @@ def test_mean_ci():
 def test_chapter_device(monkeypatch):
     monkeypatch.delenv("REFIMPL_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    assert config.chapter_device("smoke") == torch.device("cpu")  # smoke numbers are checked on CPU
-    assert config.chapter_device("full") == torch.device("cuda")
+    assert config.device("smoke") == torch.device("cpu")  # smoke numbers are checked on CPU
+    assert config.device("full") == torch.device("cuda")
+    assert config.device() == torch.device("cuda")  # a model you load yourself goes to the GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert config.chapter_device("full") == torch.device("cpu")
+    assert config.device("full") == torch.device("cpu")
     monkeypatch.setenv("REFIMPL_DEVICE", "cpu")
-    assert config.chapter_device("full") == torch.device("cpu")
+    assert config.device("full") == torch.device("cpu")
+    monkeypatch.delenv("REFIMPL_DEVICE")
     with pytest.raises(ValueError, match="scale"):
-        config.chapter_device("huge")
+        config.device("huge")
 
 
 def test_model_cache_key_ignores_chapter_only_sizes(monkeypatch, tmp_path):
@@ -67,12 +69,12 @@ def test_model_cache_key_ignores_chapter_only_sizes(monkeypatch, tmp_path):
     c = models.toy_model_path("refimpl/toy-arith", dataclasses.replace(base, arith_width=64))
     assert a == b and a != c and len(seen) == 2
     full = config.get_scale("full")
-    monkeypatch.setattr(models, "train_device", lambda scale: torch.device("cpu"))
+    monkeypatch.setattr(models, "pick_device", lambda scale=None: torch.device("cpu"))
     on_cpu = models.toy_model_path("refimpl/toy-arith", full)
-    monkeypatch.setattr(models, "train_device", lambda scale: torch.device("cuda"))
+    monkeypatch.setattr(models, "pick_device", lambda scale=None: torch.device("cuda"))
     on_gpu = models.toy_model_path("refimpl/toy-arith", full)
     assert on_cpu != on_gpu and len(seen) == 4  # weights trained on another device are another model
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an int in"):
         models.pretrain(torch.nn.Linear(1, 1), lambda s: None, steps=0, lr=1e-3, seed=0)
 
 

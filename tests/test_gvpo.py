@@ -1,10 +1,12 @@
-"""Tests of refimpl.gvpo: the gradient identity, invariances, convergence to pi*, baselines, validation."""
+"""refimpl.gvpo, refimpl.grpo and refimpl.rl: the gradient identity, invariances, convergence to pi*,
+baselines, the loss table, validation."""
 import math
 
 import pytest
 import torch
 
-from refimpl import gvpo, kl
+from refimpl import grpo, gvpo, kl, rl
+from refimpl.rl import RLConfig
 
 
 
@@ -100,7 +102,7 @@ def test_tabular_gvpo_reaches_the_optimum(sampling):
     logp_ref, reward = _small_world()
     beta = 0.5
     logp_star = kl.optimal_policy(logp_ref, reward, beta)
-    logp, _ = gvpo.train_tabular(logp_ref, reward, beta, sampling=sampling, k=8, steps=800, lr=10.0)
+    logp, _ = rl.train_tabular(logp_ref, reward, RLConfig(beta=beta, k=8, steps=800, lr=10.0), sampling=sampling)
     assert kl.kl_divergence(logp, logp_star).max().item() < 1e-4
     assert kl.kl_divergence(logp_ref, logp_star).min().item() > 1e-2  # it had somewhere to go
 
@@ -109,7 +111,7 @@ def test_old_anchor_does_not_reach_the_optimum():
     logp_ref, reward = _small_world()
     beta = 0.5
     logp_star = kl.optimal_policy(logp_ref, reward, beta)
-    logp, _ = gvpo.train_tabular(logp_ref, reward, beta, anchor="old", k=8, steps=800, lr=10.0)
+    logp, _ = rl.train_tabular(logp_ref, reward, RLConfig(beta=beta, anchor="old", k=8, steps=800, lr=10.0))
     assert kl.kl_divergence(logp, logp_star).mean().item() > 0.1
 
 
@@ -127,23 +129,23 @@ def test_grpo_matches_hand_computation():
     r2 = math.exp(-0.3)
     s2 = min(r2 * -A, max(r2, 0.8) * -A)  # clipped at 1 - eps
     expected = -(s1 + s2) / 2
-    got = gvpo.grpo_loss(logp_tok, logp_old, mask, rewards, clip_eps=0.2)
+    got = grpo.grpo_loss(logp_tok, logp_old, mask, rewards, clip_eps=0.2)
     assert abs(got.item() - expected) < 1e-10
     # k3 penalty: d = log(pi_ref/pi_theta) per real token, k3 = e^d - d - 1.
     k3 = lambda d: math.exp(d) - d - 1
     kl1 = (k3(0.0) + k3(1.0)) / 2
     kl2 = k3(-0.5)
-    got_kl = gvpo.grpo_loss(logp_tok, logp_old, mask, rewards, 0.2, kl_coef=0.1, logp_ref_tok=logp_ref)
+    got_kl = grpo.grpo_loss(logp_tok, logp_old, mask, rewards, 0.2, kl_coef=0.1, logp_ref_tok=logp_ref)
     assert abs(got_kl.item() - (expected + 0.1 * (kl1 + kl2) / 2)) < 1e-10
     # Dr. GRPO: A = ±0.5, token sums over P·k·T_max = 1·2·2.
     r_tok = [(r1[0], 0.5), (r1[1], 0.5), (r2, -0.5)]
     terms = [min(r * a, min(max(r, 0.8), 1.2) * a) for r, a in r_tok]
-    got_dr = gvpo.dr_grpo_loss(logp_tok, logp_old, mask, rewards, 0.2)
+    got_dr = grpo.dr_grpo_loss(logp_tok, logp_old, mask, rewards, 0.2)
     assert abs(got_dr.item() + sum(terms) / 4) < 1e-10
 
 
 def test_group_advantages_all_equal_is_zero():
-    adv = gvpo.group_advantages(torch.ones(2, 4))
+    adv = grpo.group_advantages(torch.ones(2, 4))
     assert torch.equal(adv, torch.zeros(2, 4))
 
 
@@ -169,11 +171,21 @@ def test_validation_types_and_config():
         gvpo.gvpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), [[0.0] * 3] * 2, beta=0.1)
     with pytest.raises(ValueError, match="logp_ref_tok"):
         z = torch.zeros(1, 2, 3)
-        gvpo.grpo_loss(z, z, torch.ones_like(z), torch.zeros(1, 2), kl_coef=0.1)
+        grpo.grpo_loss(z, z, torch.ones_like(z), torch.zeros(1, 2), kl_coef=0.1)
     with pytest.raises(ValueError, match="config.k"):
-        gvpo.train(None, None, None, ["1 ="], [1], None, gvpo.GVPOConfig(k=1))
+        RLConfig(k=1)
     with pytest.raises(ValueError, match="config.anchor"):
-        gvpo.train(None, None, None, ["1 ="], [1], None, gvpo.GVPOConfig(anchor="frozen"))
+        RLConfig(anchor="frozen")
+    with pytest.raises(ValueError, match="config.kl_coef"):
+        RLConfig(loss="gvpo", kl_coef=0.1)  # GVPO has no k3 penalty: setting it is an error
+    with pytest.raises(ValueError, match="config.anchor"):
+        RLConfig(loss="grpo", anchor="old")
+    with pytest.raises(ValueError, match="config.max_grad_norm"):
+        RLConfig(max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="config.max_grad_norm"):
+        RLConfig(max_grad_norm=float("nan"))
+    with pytest.raises(ValueError, match="config.prompts_per_step"):
+        rl.train_tabular(torch.zeros(2, 3), torch.zeros(2, 3), RLConfig(prompts_per_step=3))
 
 
 @pytest.mark.parametrize("loss", ["gvpo", "grpo", "dr_grpo"])
@@ -184,11 +196,13 @@ def test_train_smoke_changes_parameters(arith_model, loss):
     ref, tok = arith_model
     policy, _ = load_model("refimpl/toy-arith", device="cpu")
     prompts, targets = arith.prompts("train")
-    cfg = gvpo.GVPOConfig(loss=loss, steps=2, k=2, prompts_per_step=4, lr=1e-3, kl_coef=0.04)
-    hist = gvpo.train(policy, ref, tok, prompts, targets, arith.reward, cfg, disable_progress=True)
+    extra = {"kl_coef": 0.04} if loss == "grpo" else {}
+    cfg = RLConfig(loss=loss, steps=2, k=2, prompts_per_step=4, lr=1e-3, **extra)
+    log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
+    hist = log.as_dict()
     assert set(hist) >= {"reward/mean", "kl/ref", "grad/norm", "loss"}
     assert all(len(v) == 2 for v in hist.values())
-    assert hist["kl/ref"][0] == pytest.approx(0.0, abs=1e-5)  # step 0 samples the unchanged policy
+    assert log.kl_ref[0] == pytest.approx(0.0, abs=1e-5)  # step 0 samples the unchanged policy
     changed = any(not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))
     assert changed
 
@@ -206,5 +220,5 @@ def test_cpu_and_cuda_agree():
     z = torch.randn(2, 3, 4)
     m = torch.ones_like(z)
     r = torch.rand(2, 3)
-    torch.testing.assert_close(gvpo.grpo_loss(z.cuda(), z.cuda(), m.cuda(), r.cuda()).cpu(),
-                               gvpo.grpo_loss(z, z, m, r))
+    torch.testing.assert_close(grpo.grpo_loss(z.cuda(), z.cuda(), m.cuda(), r.cuda()).cpu(),
+                               grpo.grpo_loss(z, z, m, r))

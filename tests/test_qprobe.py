@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from refimpl import qprobe
+from refimpl import pools, qprobe, resample
 from refimpl.metrics import pass_at_k
 
 
@@ -43,23 +43,23 @@ def test_expected_reward_matches_mean_of_select_draws():
     beta = 0.7
     g = torch.Generator().manual_seed(0)
     n = 40000
-    idx = qprobe.select(q.expand(n, 4, 6), beta, generator=g)  # [n, 4]
+    idx = resample.select(q.expand(n, 4, 6), beta, generator=g)  # [n, 4]
     drawn = r.gather(1, idx.T).mean(1)  # [4] mean reward of the chosen candidates
-    exact = qprobe.expected_reward(q, r, beta)
+    exact = resample.expected_value(q, r, beta)
     # Bernoulli rewards: the standard error is at most 0.5 / sqrt(n) = 0.0025.
     assert (drawn - exact).abs().max() < 5 * 0.5 / math.sqrt(n)
 
 
 def test_beta_zero_is_argmax_with_first_index_ties_and_the_limit_of_small_beta():
     q = torch.tensor([[0.1, 0.9, 0.9, -1.0], [2.0, 0.0, 2.0, 1.0]])
-    w = qprobe.selection_weights(q, 0)
+    w = resample.selection_weights(q, 0)
     torch.testing.assert_close(w, torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0]]))
-    torch.testing.assert_close(qprobe.select(q, 0.0), torch.tensor([1, 0]))
+    torch.testing.assert_close(resample.select(q, 0.0), torch.tensor([1, 0]))
     q2, r = _qr((6, 9), seed=3)
-    torch.testing.assert_close(qprobe.selection_weights(q2, 1e-4), qprobe.selection_weights(q2, 0))
-    torch.testing.assert_close(qprobe.expected_reward(q2, r, 1e-4), qprobe.expected_reward(q2, r, 0))
+    torch.testing.assert_close(resample.selection_weights(q2, 1e-4), resample.selection_weights(q2, 0))
+    torch.testing.assert_close(resample.expected_value(q2, r, 1e-4), resample.expected_value(q2, r, 0))
     # beta -> infinity: uniform choice, expected reward = mean reward.
-    torch.testing.assert_close(qprobe.expected_reward(q2, r, 1e6), r.mean(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(resample.expected_value(q2, r, 1e6), r.mean(-1), atol=1e-5, rtol=0)
 
 
 def test_bt_and_reward_modelling_losses():
@@ -84,7 +84,7 @@ def _linear_world(P=40, n=40, d=8, seed=0):
 @pytest.mark.parametrize("loss", ["mse", "ce", "pg"])
 def test_probe_recovers_a_linearly_encoded_reward(loss):
     f, r = _linear_world()
-    probe, curve = qprobe.train_probe(f, r, loss=loss, beta=1.0, k=10, epochs=60, lr=3e-2, seed=0)
+    probe, curve = qprobe.train_probe(f, r, loss=loss, beta=1.0, chunk_size=10, epochs=60, lr=3e-2, seed=0)
     assert curve[-1] < curve[0]  # training decreased the loss
     ft, rt = _linear_world(seed=1)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_probe_recovers_a_linearly_encoded_reward(loss):
 def test_bt_training_orders_pairs():
     f, r = _linear_world(P=200, n=2, seed=2)
     keep = r[:, 0] != r[:, 1]
-    probe, curve = qprobe.train_probe(f[keep], r[keep], loss="bt", k=1, epochs=100, lr=3e-2)
+    probe, curve = qprobe.train_probe(f[keep], r[keep], loss="bt", epochs=100, lr=3e-2)
     ft, rt = _linear_world(P=200, n=2, seed=3)
     keep = rt[:, 0] != rt[:, 1]
     with torch.no_grad():
@@ -108,17 +108,17 @@ def test_bt_training_orders_pairs():
 
 def test_training_is_seeded_and_mlp_probe_works():
     f, r = _linear_world(P=10, n=20)
-    a, ca = qprobe.train_probe(f, r, loss="pg", k=5, epochs=3, seed=7)
-    b, cb = qprobe.train_probe(f, r, loss="pg", k=5, epochs=3, seed=7)
+    a, ca = qprobe.train_probe(f, r, loss="pg", chunk_size=5, epochs=3, seed=7)
+    b, cb = qprobe.train_probe(f, r, loss="pg", chunk_size=5, epochs=3, seed=7)
     assert ca == cb
     torch.testing.assert_close(a(f), b(f))
-    mlp, _ = qprobe.train_probe(f, r, loss="ce", epochs=2, hidden=16)
+    mlp, _ = qprobe.train_probe(f, r, loss="ce", epochs=2, hidden=(16,))
     assert mlp(f).shape == (10, 20)
 
 
 def test_chunk_expected_reward_and_pass_at_k():
     q, r = _qr((3, 12), seed=5)
-    by_hand = torch.stack([qprobe.expected_reward(q[:, i : i + 4], r[:, i : i + 4], 0.3) for i in (0, 4, 8)], -1)
+    by_hand = torch.stack([resample.expected_value(q[:, i : i + 4], r[:, i : i + 4], 0.3) for i in (0, 4, 8)], -1)
     torch.testing.assert_close(qprobe.chunk_expected_reward(q, r, 4, 0.3), by_hand.mean(-1))
     # k = 1 with any beta is the mean reward.
     torch.testing.assert_close(qprobe.chunk_expected_reward(q, r, 1, 0.0), r.mean(-1))
@@ -131,28 +131,28 @@ def test_chunk_expected_reward_and_pass_at_k():
 def test_validation_errors_name_the_argument():
     q, r = _qr()
     with pytest.raises(ValueError, match="beta"):
-        qprobe.selection_weights(q, -0.1)
+        resample.selection_weights(q, -0.1)
     with pytest.raises(TypeError, match="beta"):
-        qprobe.selection_weights(q, "0.1")
+        resample.selection_weights(q, "0.1")
     with pytest.raises(ValueError, match="beta"):
         qprobe.pg_loss(q, r, 0.0)
-    with pytest.raises(ValueError, match="rewards"):
-        qprobe.expected_reward(q, r[:, :3], 0.1)
-    with pytest.raises(ValueError, match="q"):
-        qprobe.selection_weights(torch.tensor(1.0), 0.1)
-    with pytest.raises(TypeError, match="q"):
-        qprobe.selection_weights(torch.tensor([1, 2]), 0.1)
+    with pytest.raises(ValueError, match="values"):
+        resample.expected_value(q, r[:, :3], 0.1)
+    with pytest.raises(ValueError, match="scores"):
+        resample.selection_weights(torch.tensor(1.0), 0.1)
+    with pytest.raises(TypeError, match="scores"):
+        resample.selection_weights(torch.tensor([1, 2]), 0.1)
     f, r2 = _linear_world(P=4, n=6)
-    with pytest.raises(ValueError, match="k"):
-        qprobe.train_probe(f, r2, k=0)
-    with pytest.raises(ValueError, match="k"):
-        qprobe.train_probe(f, r2, k=7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        qprobe.train_probe(f, r2, chunk_size=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        qprobe.train_probe(f, r2, chunk_size=7)
     with pytest.raises(ValueError, match="features"):
         qprobe.train_probe(f[0], r2)
     with pytest.raises(ValueError, match="rewards"):
         qprobe.train_probe(f, r2[:, :3])
     with pytest.raises(ValueError, match="loss"):
-        qprobe.train_probe(f, r2, loss="hinge")
+        qprobe.train_probe(f, r2, loss="nope")
     with pytest.raises(ValueError, match="k"):
         pass_at_k(torch.tensor([1]), 3, 4)
     with pytest.raises(ValueError, match="k"):
@@ -164,12 +164,13 @@ def test_collect_shapes_and_embedding_matches_text_embedding(arith_model):
 
     model, tok = arith_model
     xs, ts = arith.prompts("train")
-    f, r, texts = qprobe.collect(model, tok, xs[:3], ts[:3], arith.reward, k=4, seed=0)
+    pool = pools.collect(model, tok, xs[:3], ts[:3], arith.reward, k=4, seed=0)
+    f, r, texts = pool.features, pool.rewards, pool.texts
     assert f.shape == (3, 4, model.config.n_embd) and r.shape == (3, 4) and len(texts) == 12
     torch.testing.assert_close(r.reshape(-1), arith.reward(texts, [t for t in ts[:3] for _ in range(4)]))
     # Re-tokenizing the texts (the "API" path) reproduces the sampler's own features when every
     # completion ended at the stop token.
-    again = qprobe.embed_texts(model, tok, [x for x in xs[:3] for _ in range(4)],
+    again = pools.embed_texts(model, tok, [x for x in xs[:3] for _ in range(4)],
                                [y + " " + arith.STOP for y in texts]).reshape(3, 4, -1)
     stopped = torch.tensor([y.count(" ") < 4 for y in texts]).reshape(3, 4)
     torch.testing.assert_close(again[stopped], f[stopped], atol=1e-4, rtol=1e-4)
@@ -179,16 +180,16 @@ def test_collect_shapes_and_embedding_matches_text_embedding(arith_model):
 def test_cpu_and_cuda_agree():
     q, r = _qr((8, 16), seed=6, dtype=torch.float32)
     for beta in (0.0, 0.1, 1.0):
-        torch.testing.assert_close(qprobe.expected_reward(q.cuda(), r.cuda(), beta).cpu(),
-                                   qprobe.expected_reward(q, r, beta))
+        torch.testing.assert_close(resample.expected_value(q.cuda(), r.cuda(), beta).cpu(),
+                                   resample.expected_value(q, r, beta))
     q_ = q.cuda().requires_grad_(True)
     qprobe.pg_loss(q_, r.cuda(), 0.5).backward()
     qc = q.clone().requires_grad_(True)
     qprobe.pg_loss(qc, r, 0.5).backward()
     torch.testing.assert_close(q_.grad.cpu(), qc.grad)
     f, r2 = _linear_world(P=20, n=20)
-    a, ca = qprobe.train_probe(f, r2, loss="pg", k=5, epochs=5, seed=0, device="cpu")
-    b, cb = qprobe.train_probe(f.cuda(), r2.cuda(), loss="pg", k=5, epochs=5, seed=0, device="cuda")
+    a, ca = qprobe.train_probe(f, r2, loss="pg", chunk_size=5, epochs=5, seed=0, device="cpu")
+    b, cb = qprobe.train_probe(f.cuda(), r2.cuda(), loss="pg", chunk_size=5, epochs=5, seed=0, device="cuda")
     # Shuffles are drawn on the CPU, so both devices see the same batches.
     assert abs(ca[-1] - cb[-1]) < 1e-4
     with torch.no_grad():
@@ -207,9 +208,9 @@ def test_sampler_law_against_enumeration():
     for tup in itertools.product(range(4), repeat=k):
         idx = torch.tensor(tup)
         prob = logp[idx].sum().exp()
-        exact.scatter_add_(0, idx, prob * qprobe.selection_weights(q[idx], beta))
-    est = qprobe.sampler_law(logp, q, beta, [1, k], n_mc=50000, generator=torch.Generator().manual_seed(1))
+        exact.scatter_add_(0, idx, prob * resample.selection_weights(q[idx], beta))
+    est = resample.resampling_law(logp, q / beta, [1, k], n_mc=50000, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(est[0], logp)  # k = 1 returns the base model
     assert (est[1].exp() - exact).abs().max() < 5e-3
     with pytest.raises(ValueError, match="ks"):
-        qprobe.sampler_law(logp, q, beta, [0])
+        resample.resampling_law(logp, q / beta, [0])

@@ -74,16 +74,23 @@ def _fake_run(folder: Path, scale: str, values: dict, claims: list, figs: int):
 def test_render_markdown_puts_runs_side_by_side(tmp_path):
     _fake_run(tmp_path / "smoke-cpu", "smoke", {"a": 0.5, "b": (0.25, 0.01)}, [("c1", True), ("c2", True)], 10)
     _fake_run(tmp_path / "full-cuda", "full", {"a": 0.75}, [("c1", False)], 0)
-    text = report.render_markdown({"smoke-cpu": tmp_path / "smoke-cpu", "full-cuda": tmp_path / "full-cuda"})
+    text = _page().render_markdown({"smoke-cpu": tmp_path / "smoke-cpu", "full-cuda": tmp_path / "full-cuda"})
     assert "| `a` | 0.500 | 0.750 |" in text
     assert "| `b` | 0.250 ± 0.010 | – |" in text  # missing at full scale
     assert "| c1 | holds | **does not hold** |" in text and "| c2 | holds | – |" in text
     figs = [line for line in text.splitlines() if line.startswith("![")]
     assert len(figs) == 10 and figs[1].endswith("(smoke-cpu/ch-fig2.png)") and figs[-1].endswith("ch-fig10.png)")
     with pytest.raises(ValueError, match="run.json"):
-        report.render_markdown({"x": tmp_path})
+        _page().render_markdown({"x": tmp_path})
     with pytest.raises(ValueError, match="at least one"):
-        report.render_markdown({})
+        _page().render_markdown({})
+
+
+def _page():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import results_page
+
+    return results_page
 
 
 def _run_scale():
@@ -140,7 +147,7 @@ def test_render_escapes_table_cells_and_flags_unfinished_chapters(tmp_path):
     run = json.loads((tmp_path / "smoke-cpu" / "run.json").read_text())
     run["chapters"]["ch"]["status"] = "running"
     (tmp_path / "smoke-cpu" / "run.json").write_text(json.dumps(run))
-    text = report.render_markdown({"smoke-cpu": tmp_path / "smoke-cpu"})
+    text = _page().render_markdown({"smoke-cpu": tmp_path / "smoke-cpu"})
     assert "| P(.\\|allowed) is small | holds |" in text and "| `a` | x\\|y |" in text
     assert "this chapter did not finish (running)" in text
 

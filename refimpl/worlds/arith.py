@@ -228,15 +228,29 @@ def evaluate(text: str) -> int | None:
     return value if end == len(tokens) else None
 
 
+def _targets(texts, targets) -> tuple[list[str], list[int]]:
+    """Validated (texts, targets): a list of strings and as many integer targets."""
+    from .. import checks
+
+    texts = checks.strings("texts", texts, allow_empty=True)
+    if isinstance(targets, Tensor):
+        checks.tensor("targets", targets, dims=1, integral=True)
+        targets = targets.tolist()
+    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__len__"):
+        raise TypeError(f"targets must be a sequence of ints, got {type(targets).__name__}")
+    targets = [checks.integer("targets", t) for t in targets]
+    if len(texts) != len(targets):
+        raise ValueError(f"texts has {len(texts)} entries but targets has {len(targets)}")
+    return texts, targets
+
+
 def reward(texts: list[str], targets: list[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
     """r(x, y) = 1 if completion ``texts[i]`` evaluates to ``targets[i]``, else 0.
 
     Returns:
         [len(texts)] float32 tensor of 0/1 rewards.
     """
-    targets = targets.tolist() if isinstance(targets, Tensor) else list(targets)
-    if len(texts) != len(targets):
-        raise ValueError(f"texts has {len(texts)} entries but targets has {len(targets)}")
+    texts, targets = _targets(texts, targets)
     r = [1.0 if evaluate(y) == t else 0.0 for y, t in zip(texts, targets)]
     return torch.tensor(r, dtype=torch.float32, device=device)
 
@@ -247,9 +261,7 @@ def hidden_score(texts: list[str], targets: list[int] | Tensor, device: torch.de
     Graded, unlike :func:`reward`: a near miss beats a far miss. Preference labels are drawn from
     it by Bradley-Terry (:func:`preference_label`); probes never see it directly.
     """
-    targets = targets.tolist() if isinstance(targets, Tensor) else list(targets)
-    if len(texts) != len(targets):
-        raise ValueError(f"texts has {len(texts)} entries but targets has {len(targets)}")
+    texts, targets = _targets(texts, targets)
     s = []
     for y, t in zip(texts, targets):
         v = evaluate(y)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import lm
+from .. import checks, lm
 
 __all__ = ["ExactWorld", "build_tokenizer", "corpus", "make_world", "LETTERS", "LENGTH"]
 
@@ -90,11 +90,18 @@ class ExactWorld:
         return (completion_ids * weights).sum(-1)
 
 
-def make_world(device: torch.device | str | None = None, reward_seed: int = 0) -> ExactWorld:
-    """The exact world with the cached ``refimpl/toy-exact`` model and a seeded reward table."""
-    from ..models import load_model
+def make_world(model, tokenizer, reward_seed: int = 0) -> ExactWorld:
+    """The exact world around ``model`` (``load_model("refimpl/toy-exact")``) with a seeded reward
+    table r(x, y) ~ Uniform[0, 1].
 
-    model, tok = load_model("refimpl/toy-exact", device=device)
+    Args:
+        model, tokenizer: the exact world's model and tokenizer (vocabulary ``<pad> a b c d``).
+        reward_seed: seed of the reward table.
+    """
+    tok = tokenizer
+    if len(tok) != len(VOCAB) or tok.convert_ids_to_tokens(list(range(len(VOCAB)))) != VOCAB:
+        raise ValueError(f"tokenizer must have the exact world's vocabulary {VOCAB}")
+    reward_seed = checks.integer("reward_seed", reward_seed)
     prompts = ["".join(p) for p in itertools.product(LETTERS, repeat=2)]
     # itertools.product enumerates in base-V order, which completion_index inverts.
     ids = torch.tensor(list(itertools.product(range(len(VOCAB)), repeat=LENGTH)))

@@ -1,0 +1,232 @@
+r"""Sampling k completions per prompt from any causal LM, and the layout that carries them.
+
+:func:`sample` wraps ``model.generate`` (KV cache, temperature / top-k / top-p, logits processors,
+seeded) and returns :class:`Samples`: B·k rows, prompt-major, with prompts left-padded and
+completions right-padded, each with a 0/1 mask (the stop token counts as a real completion token).
+:mod:`refimpl.lm` re-exports these names (``lm.sample``, ``lm.Samples``) next to the forward passes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from . import checks
+
+__all__ = ["Samples", "sample", "completion_mask", "padding_side"]
+
+
+@dataclass
+class Samples:
+    """k completions for each of B prompts, flattened prompt-major to B·k rows (rows i·k … i·k+k-1
+    answer prompt i)."""
+
+    prompt_ids: Tensor  # [B*k, P] left-padded
+    prompt_mask: Tensor  # [B*k, P] 1 on real prompt tokens
+    completion_ids: Tensor  # [B*k, T] right-padded with pad_token_id
+    completion_mask: Tensor  # [B*k, T] 1 on real completion tokens (stop token included)
+    texts: list[str]  # B*k decoded completions (stop token and padding removed)
+    prompt_index: Tensor  # [B*k] index of the prompt each row answers
+    k: int  # completions per prompt
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def n_prompts(self) -> int:
+        """B, the number of prompts."""
+        return len(self) // self.k
+
+    def rows(self, index: Tensor | Sequence[int], k: int | None = None) -> "Samples":
+        """The samples at ``index`` (rows), with ``k`` completions per prompt in the result
+        (default: ``len(index)`` if it is not a multiple of ``self.k``, else ``self.k``)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.completion_ids.device).reshape(-1)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise ValueError(f"index must lie in [0, {len(self)}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        k = k if k is not None else (self.k if len(index) % self.k == 0 else len(index))
+        k = checks.integer("k", k, low=1)
+        if len(index) % k:
+            raise ValueError(f"k={k} does not divide the {len(index)} selected rows")
+        return replace(self, prompt_ids=self.prompt_ids[index], prompt_mask=self.prompt_mask[index],
+                       completion_ids=self.completion_ids[index], completion_mask=self.completion_mask[index],
+                       texts=[self.texts[i] for i in index.tolist()], prompt_index=self.prompt_index[index], k=k)
+
+    def prompts(self, which: Tensor | Sequence[int]) -> "Samples":
+        """All k samples of the prompts ``which`` (positions 0..B-1), in that order."""
+        which = torch.as_tensor(which, dtype=torch.long, device=self.completion_ids.device).reshape(-1)
+        rows = (which[:, None] * self.k + torch.arange(self.k, device=which.device)).reshape(-1)  # [m*k]
+        return self.rows(rows, k=self.k)
+
+    def by_prompt(self, values: Tensor) -> Tensor:
+        """A per-row tensor [B·k, ...] viewed per prompt: [B, k, ...]."""
+        if values.shape[0] != len(self):
+            raise ValueError(f"values has {values.shape[0]} rows but the samples have {len(self)}")
+        return values.reshape(self.n_prompts, self.k, *values.shape[1:])
+
+    def expand(self, per_prompt: Sequence | Tensor) -> list | Tensor:
+        """Per-prompt values (length B) repeated for each of the prompt's k rows (length B·k).
+
+        A tensor gives a tensor; any other sequence (targets, say) gives a list.
+        """
+        if len(per_prompt) != self.n_prompts:
+            raise ValueError(f"per_prompt has {len(per_prompt)} entries but the samples have "
+                             f"{self.n_prompts} prompts")
+        if isinstance(per_prompt, Tensor):
+            return per_prompt.repeat_interleave(self.k, dim=0)
+        return [v for v in per_prompt for _ in range(self.k)]
+
+    def contains(self, token_ids: Sequence[int] | Tensor) -> Tensor:
+        """[B·k] bool: whether a row's real completion tokens include any of ``token_ids``."""
+        ids = torch.tensor(checks.token_ids("token_ids", token_ids), dtype=torch.long,
+                           device=self.completion_ids.device)
+        return (torch.isin(self.completion_ids, ids) & self.completion_mask.bool()).any(-1)
+
+
+def completion_mask(completion_ids: Tensor, eos_token_id: int | Sequence[int] | None) -> Tensor:
+    """1 on tokens up to and including the first stop token of each row, 0 after it.
+
+    Args:
+        completion_ids: [B, T] generated tokens.
+        eos_token_id: stop token id(s), or ``None`` (every token is real).
+
+    Returns:
+        [B, T] long mask.
+    """
+    checks.tensor("completion_ids", completion_ids, dims=2, integral=True)
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids)
+    eos = torch.tensor(checks.token_ids("eos_token_id", [eos_token_id] if isinstance(eos_token_id, int)
+                                        else eos_token_id), device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos).long()  # [B, T]
+    before = torch.cumsum(is_eos, dim=1) - is_eos  # stops strictly before t
+    return (before == 0).long()
+
+
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    """Set ``tokenizer.padding_side`` for the block and restore the caller's setting afterwards."""
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+def _context_length(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def _generation_config(model, tokenizer, max_new_tokens, temperature, top_k, top_p):
+    """A GenerationConfig that states every sampling setting, and a blank one to stand in for the
+    model's own while generating (so a hub model's repetition_penalty, min_p, ... never apply)."""
+    from transformers import GenerationConfig
+
+    gen = model.generation_config
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    greedy = temperature == 0
+    config = GenerationConfig(
+        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=gen.eos_token_id, pad_token_id=pad,
+        bos_token_id=gen.bos_token_id, temperature=None if greedy else temperature,
+        top_k=None if greedy else (top_k or 0), top_p=None if greedy else (top_p if top_p is not None else 1.0),
+        num_beams=1,
+    )
+    return config, GenerationConfig(eos_token_id=gen.eos_token_id, pad_token_id=pad, bos_token_id=gen.bos_token_id)
+
+
+@contextlib.contextmanager
+def _own_generation_config(model, blank) -> Iterator[None]:
+    old = model.generation_config
+    model.generation_config = blank
+    try:
+        yield
+    finally:
+        model.generation_config = old
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    k: int = 1,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    logits_processor=None,
+    seed: int | None = 0,
+    batch_size: int = 512,
+) -> Samples:
+    r"""Draw k completions for each prompt with ``model.generate`` (KV cache on).
+
+    ``temperature=0`` means greedy decoding. Only the settings passed here apply: fields that the
+    model's own ``generation_config`` sets (``repetition_penalty``, ``min_p``,
+    ``no_repeat_ngram_size``, ``suppress_tokens``, ...) are neutralized, so the sampled law is
+    softmax(logits / T) after the given processors and truncation. Sampling is seeded: the same
+    ``seed`` gives the same completions on the same device, and the global RNG state is restored
+    afterwards. The tokenizer's ``padding_side`` is left as the caller set it.
+
+    Args:
+        prompts: B prompt texts.
+        k: completions per prompt.
+        logits_processor: a ``LogitsProcessorList`` (or list) passed to ``generate``; it runs
+            before temperature, top-k and top-p.
+        batch_size: rows (prompt copies) per ``generate`` call.
+
+    Returns:
+        :class:`Samples` with B·k rows, prompt-major (rows i·k … i·k+k-1 answer prompt i).
+    """
+    from transformers import LogitsProcessorList
+
+    prompts = checks.strings("prompts", prompts)
+    k = checks.integer("k", k, low=1)
+    max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
+    temperature = checks.real("temperature", temperature, low=0.0)
+    if top_p is not None:
+        top_p = checks.real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if top_k is not None:
+        top_k = checks.integer("top_k", top_k, low=1)
+    batch_size = checks.integer("batch_size", batch_size, low=1)
+    if seed is not None:
+        seed = checks.integer("seed", seed)
+
+    device = next(model.parameters()).device
+    config, blank = _generation_config(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    eos, pad = config.eos_token_id, config.pad_token_id
+    processors = LogitsProcessorList(list(logits_processor or []))
+    with padding_side(tokenizer, "left"):
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    if bool((enc["attention_mask"].sum(1) == 0).any()):
+        raise ValueError("prompts must not tokenize to nothing")
+    n_ctx = _context_length(model)
+    if n_ctx is not None and enc["input_ids"].shape[1] + max_new_tokens > n_ctx:
+        raise ValueError(f"the longest prompt ({enc['input_ids'].shape[1]} tokens) plus max_new_tokens="
+                         f"{max_new_tokens} exceeds the model's context of {n_ctx}")
+    ids = enc["input_ids"].repeat_interleave(k, dim=0)  # [B*k, P]
+    mask = enc["attention_mask"].repeat_interleave(k, dim=0)
+
+    chunks = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _own_generation_config(model, blank):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for s in range(0, ids.shape[0], batch_size):
+            out = model.generate(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size],
+                                 generation_config=config, logits_processor=processors)
+            chunks.append(out[:, ids.shape[1] :])
+    T = max(c.shape[1] for c in chunks)
+    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])
+    cmask = completion_mask(completion_ids, eos)
+    stops = set(torch.as_tensor(eos).reshape(-1).tolist()) if eos is not None else set()
+    texts = tokenizer.batch_decode(
+        [[t for t, m in zip(row, mrow) if m and t not in stops] for row, mrow in
+         zip(completion_ids.tolist(), cmask.tolist())],
+        skip_special_tokens=True,
+    )
+    index = torch.arange(len(prompts), device=device).repeat_interleave(k)
+    return Samples(ids, mask, completion_ids, cmask, texts, index, k)

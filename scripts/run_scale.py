@@ -16,6 +16,7 @@ cache) first, and timed on their own.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import datetime
 import hashlib
@@ -155,31 +156,20 @@ def git_commit() -> str | None:
         return None
 
 
-def run(scale_name: str, chapters: list[str], command: str, results: Path = RESULTS) -> tuple[Path, bool]:
-    """Train the toy models, run ``chapters``; return the results folder and whether all succeeded."""
-    import torch
+def open_record(scale, device, chapters: list[str], command: str, models_wall: float, results: Path = RESULTS,
+                keep_json: bool = False):
+    """The results folder of (scale, device) and its run record, ready to receive ``chapters``.
 
-    from refimpl import config, models
+    A run of some chapters updates theirs and keeps the others' entries, but only if the rest of the
+    folder came from the same setting (device, versions, sizes); otherwise it starts afresh. The
+    redone chapters' old figures and logs are removed (and their results, unless ``keep_json``:
+    already written by the run being filed).
 
-    config.quiet()
-    scale = config.get_scale(scale_name)
-    device = config.chapter_device(scale)
+    Returns:
+        ``(folder, record, save)``; ``save()`` writes ``run.json`` atomically.
+    """
     out = results / f"{scale.name}-{device.type}"
     out.mkdir(parents=True, exist_ok=True)
-    scripts = {ch: chapter_script(ch) for ch in chapters}  # fail now, not after training the models
-    env = dict(os.environ, REFIMPL_SCALE=scale.name, REFIMPL_RESULTS=str(out), MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-
-    t0 = time.perf_counter()
-    for name in models.TOY_MODELS:
-        models.toy_model_path(name, scale)
-    models_wall = time.perf_counter() - t0
-    print(f"toy models ready in {models_wall:.0f} s", flush=True)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the chapters run in other processes: hand the memory back
-
-    # A run of some chapters updates theirs and keeps the others' entries, but only if the rest of
-    # the folder came from the same setting (device, versions, sizes); otherwise it starts afresh.
     record = {"scale": scale.name, "sizes": dataclasses.asdict(scale), "device": device_name(device),
               "versions": versions(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
               "command": command, "models_wall_s": round(models_wall, 1), "chapters": {}}
@@ -188,15 +178,49 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
     if same:
         record["models_wall_s"] = max(record["models_wall_s"], old.get("models_wall_s", 0.0))
         record["chapters"] = {ch: c for ch, c in old.get("chapters", {}).items() if ch not in chapters}
-    kept = set(record["chapters"])
+    kept = set(record["chapters"])  # the other chapters' files stay; those of ``chapters`` are redone
     for stale in [*out.glob("*.json"), *out.glob("*.png"), *out.glob("*.log")]:
-        if stale.stem.split("-fig")[0] not in kept:
-            stale.unlink()
+        chapter = stale.stem.split("-fig")[0]
+        if stale.name == "run.json" or chapter in kept or (keep_json and stale.suffix == ".json" and chapter in chapters):
+            continue
+        stale.unlink()
 
     def save():
         record["chapters"] = {c: record["chapters"][c] for c in CHAPTERS if c in record["chapters"]}
         write_atomic(out / "run.json", json.dumps(record, indent=1) + "\n")
 
+    return out, record, save
+
+
+def report_claims(out: Path, chapter: str) -> None:
+    """Print the claims of ``chapter`` that did not hold (from its results file)."""
+    if (out / f"{chapter}.json").exists():
+        for c in json.loads((out / f"{chapter}.json").read_text())["claims"]:
+            if not c["holds"]:
+                print(f"  CLAIM DOES NOT HOLD: {c['claim']} {c['numbers']}", flush=True)
+
+
+def run(scale_name: str, chapters: list[str], command: str, results: Path = RESULTS) -> tuple[Path, bool]:
+    """Train the toy models, run ``chapters`` as scripts; return the results folder and whether all
+    succeeded."""
+    import torch
+
+    from refimpl import config, models
+
+    config.quiet()
+    scale = config.get_scale(scale_name)
+    device = config.device(scale)
+    scripts = {ch: chapter_script(ch) for ch in chapters}  # fail now, not after training the models
+    t0 = time.perf_counter()
+    for name in models.TOY_MODELS:
+        models.toy_model_path(name, scale)
+    models_wall = time.perf_counter() - t0
+    print(f"toy models ready in {models_wall:.0f} s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the chapters run in other processes: hand the memory back
+    out, record, save = open_record(scale, device, chapters, command, models_wall, results)
+    env = dict(os.environ, REFIMPL_SCALE=scale.name, REFIMPL_RESULTS=str(out), MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for ch in chapters:
         # Marked as running first: a run killed here leaves "running", never an old "ok".
         record["chapters"][ch] = {"wall_s": 0.0, "status": "running", "date": record["date"],
@@ -212,11 +236,52 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
         record["chapters"][ch].update(wall_s=round(wall, 1), status=status)
         save()
         print(f"{ch}: {status} in {wall:.0f} s", flush=True)
-        if (out / f"{ch}.json").exists():
-            for c in json.loads((out / f"{ch}.json").read_text())["claims"]:
-                if not c["holds"]:
-                    print(f"  CLAIM DOES NOT HOLD: {c['claim']} {c['numbers']}", flush=True)
+        report_claims(out, ch)
     return out, all(record["chapters"][ch]["status"] == "ok" for ch in chapters)
+
+
+def from_notebooks(chapters: list[str]) -> Path:
+    """File the executed notebooks ``notebooks/<chapter>.ipynb`` (``dev.py sync``, which records
+    their numbers and claims while executing them) as the smoke-scale CPU results: their figures as
+    PNGs, their printed output as the log, their execution time in ``run.json``."""
+    import nbformat
+
+    from refimpl import config
+
+    scale = config.get_scale("smoke")
+    out, record, save = open_record(scale, config.device(scale), chapters, "python3 dev.py sync", 0.0, keep_json=True)
+    for ch in chapters:
+        nb = nbformat.read(ROOT / "notebooks" / f"{ch}.ipynb", as_version=4)
+        figures, log, times = 0, [], []
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            ex = cell.metadata.get("execution", {})
+            times += [ex[k] for k in ("iopub.execute_input", "shell.execute_reply") if k in ex]
+            for o in cell.get("outputs", []):
+                data = o.get("data", {})
+                if "image/png" in data:
+                    figures += 1
+                    (out / f"{ch}-fig{figures}.png").write_bytes(base64.b64decode(data["image/png"]))
+                elif o.get("output_type") == "stream":
+                    log.append(o["text"])
+                elif "text/plain" in data:
+                    log.append(data["text/plain"] + "\n")
+                elif o.get("output_type") == "error":
+                    log.append("\n".join(o.get("traceback", [])))
+        write_atomic(out / f"{ch}.log", scrub("".join(log)))
+        wall = 0.0
+        if times:
+            stamps = sorted(datetime.datetime.fromisoformat(t.replace("Z", "+00:00")) for t in times)
+            wall = (stamps[-1] - stamps[0]).total_seconds()
+        errors = any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
+        record["chapters"][ch] = {"wall_s": round(wall, 1), "status": "failed (error output)" if errors else "ok",
+                                  "date": record["date"], "commit": record["commit"]}
+        save()
+        print(f"{ch}: {record['chapters'][ch]['status']}, {figures} figures, {wall:.0f} s", flush=True)
+        report_claims(out, ch)
+    print(render())
+    return out
 
 
 def summary_text(results: Path = RESULTS) -> str:
@@ -246,12 +311,17 @@ def main() -> None:
     ap.add_argument("--chapters", nargs="+", choices=CHAPTERS, default=CHAPTERS)
     ap.add_argument("--prepare", action="store_true", help="only convert the notebooks to scripts")
     ap.add_argument("--render", action="store_true", help="only rewrite book/results/summary.md")
+    ap.add_argument("--from-notebooks", nargs="+", choices=CHAPTERS, metavar="CHAPTER",
+                    help="file the executed notebooks of these chapters as the smoke-scale CPU results")
     ap.add_argument("--dry-run", action="store_true",
                     help=f"tiny model, few seeds ({DRY_SIZES}); results under build/dry-run/, not the book")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.render:
         print(render())
+        return
+    if args.from_notebooks:
+        from_notebooks(args.from_notebooks)
         return
     try:
         import jupytext  # noqa: F401

@@ -1,10 +1,19 @@
-r"""Training a policy on groups of k completions per prompt: one loss table, two trainers.
+r"""Training a policy on groups of k completions per prompt: one loss table, one LM trainer.
 
 Every loss of :data:`LOSSES` takes a :class:`GroupBatch` and an :class:`RLConfig` and returns a
 scalar: GVPO (:mod:`refimpl.gvpo`), GRPO and Dr. GRPO (:mod:`refimpl.grpo`). The same table
-serves :func:`train_tabular` (a table of logits over a finite support, the exact world) and
-:func:`train` (a causal LM on sampled completions). A config option that the chosen loss does not
-use must stay at its default: setting it is an error, never silently ignored.
+serves :func:`refimpl.tabular.train_tabular` (a table of logits over a finite support, the exact
+world) and :func:`train` (a causal LM on sampled completions). A config option that the chosen
+loss does not use must stay at its default: setting it is an error, never silently ignored.
+
+:func:`train` follows the authors' GVPO code (a verl fork): each step generates one rollout of
+``prompts_per_step`` prompts × k completions, then makes ``epochs`` passes over it in
+``minibatches`` sequential updates. The "old" anchor is the policy at the start of the step, so
+from the second update on rho ≠ 0 (with a single update per rollout rho ≡ 0 and GVPO-old is
+centred-reward policy gradient). GRPO's ratio is taken to the policy that *generated* the
+samples, so its clipping acts from the second update on, and on stale data. Off-policy variants:
+``staleness`` trains on the rollout generated that many steps earlier; ``replay`` adds that many
+earlier rollouts to each step's data.
 """
 from __future__ import annotations
 
@@ -16,10 +25,10 @@ import torch
 from torch import Tensor
 
 from . import checks, lm
-from .gvpo import _gvpo_loss
+from .gvpo import _centre, _gvpo_loss
 from .grpo import _dr_grpo_loss, _grpo_loss
 
-__all__ = ["GroupBatch", "RLConfig", "LOSSES", "TrainLog", "TabularRun", "train", "train_tabular"]
+__all__ = ["GroupBatch", "RLConfig", "LOSSES", "TrainLog", "train"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,8 @@ class GroupBatch:
     """What a loss sees: k completions for each of P prompts, per token."""
 
     logp_tok: Tensor  # [P, k, T] log pi_theta per token, carrying the graph (0 on padding)
-    old_tok: Tensor  # [P, k, T] log-probs of the policy that sampled them (no graph)
+    behavior_tok: Tensor  # [P, k, T] log-probs of the policy that generated the samples (no graph)
+    start_tok: Tensor  # [P, k, T] log-probs of the policy at the start of this step's updates (no graph)
     ref_tok: Tensor  # [P, k, T] log pi_ref per token (no graph)
     mask: Tensor  # [P, k, T] 1.0 on real completion tokens
     rewards: Tensor  # [P, k]
@@ -35,16 +45,24 @@ class GroupBatch:
 
 
 def _gvpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    anchor = b.ref_tok if c.anchor == "reference" else b.old_tok
-    return _gvpo_loss(b.logp_tok.sum(-1), anchor.sum(-1), b.rewards, c.beta)
+    anchor = (b.ref_tok if c.anchor == "reference" else b.start_tok).sum(-1)  # [P, k]
+    logp = b.logp_tok.sum(-1)
+    if c.gvpo_terms == "both":
+        loss = _gvpo_loss(logp, anchor, b.rewards, c.beta)
+    else:  # the paper's ablations: one of the two terms of ½Var(R) - beta Cov(R, rho) + ½beta² Var(rho)
+        k = logp.shape[1]
+        rho = _centre(logp - anchor)
+        term = (-c.beta * _centre(b.rewards) * rho if c.gvpo_terms == "covariance" else 0.5 * c.beta**2 * rho**2)
+        loss = (term.sum(1) / (k - 1)).mean()
+    return loss * b.rewards.shape[0] if c.gvpo_reduction == "sum" else loss
 
 
 def _grpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    return _grpo_loss(b.logp_tok, b.old_tok, b.mask, b.rewards, c.clip_eps, c.kl_coef, b.ref_tok)
+    return _grpo_loss(b.logp_tok, b.behavior_tok, b.mask, b.rewards, c.clip_eps, c.kl_coef, b.ref_tok)
 
 
 def _dr_grpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    return _dr_grpo_loss(b.logp_tok, b.old_tok, b.mask, b.rewards, c.clip_eps, b.max_tokens)
+    return _dr_grpo_loss(b.logp_tok, b.behavior_tok, b.mask, b.rewards, c.clip_eps, b.max_tokens)
 
 
 class Loss(NamedTuple):
@@ -53,46 +71,57 @@ class Loss(NamedTuple):
 
 
 LOSSES: dict[str, Loss] = {
-    "gvpo": Loss(_gvpo, ("anchor", "beta")),
+    "gvpo": Loss(_gvpo, ("anchor", "beta", "gvpo_terms", "gvpo_reduction")),
     "grpo": Loss(_grpo, ("clip_eps", "kl_coef")),
     "dr_grpo": Loss(_dr_grpo, ("clip_eps",)),
 }
-_LOSS_OPTIONS = ("anchor", "beta", "clip_eps", "kl_coef")
+_LOSS_OPTIONS = ("anchor", "beta", "gvpo_terms", "gvpo_reduction", "clip_eps", "kl_coef")
 
 
 @dataclass(frozen=True)
 class RLConfig:
-    """One training run (:func:`train`; :func:`train_tabular` uses the first block and ``k``,
-    ``steps``, ``lr``, ``seed``)."""
+    """One training run (:func:`train`; :func:`refimpl.tabular.train_tabular` uses the loss block
+    and ``k``, ``steps``, ``lr``, ``seed``)."""
 
     loss: str = "gvpo"  # a key of LOSSES
     anchor: str = "reference"  # GVPO's pi_anchor: "reference" (fixed pi_ref) or "old" (policy at step start)
     beta: float = 0.1  # GVPO's KL coefficient, > 0
+    gvpo_terms: str = "both"  # GVPO ablations: "both", or only the "covariance" or the "variance" term
+    gvpo_reduction: str = "mean"  # GVPO over groups: "mean" (this book) or "sum" (the authors' code)
     clip_eps: float = 0.2  # GRPO / Dr. GRPO clip range, in (0, 1)
     kl_coef: float = 0.0  # GRPO's k3 penalty weight, >= 0
     k: int = 4  # completions per prompt (group size), >= 2
-    prompts_per_step: int = 16  # prompts drawn (without replacement) per step
-    steps: int = 40  # sampling steps
-    updates_per_batch: int = 1  # gradient steps on each sampled batch
+    prompts_per_step: int = 16  # prompts per rollout, drawn without replacement
+    steps: int = 40  # rollouts (each followed by its updates)
+    minibatches: int = 1  # sequential updates per pass over a rollout (its groups split evenly)
+    epochs: int = 1  # passes over each rollout
+    staleness: int = 0  # train on the rollout generated this many steps earlier (off-policy)
+    replay: int = 0  # also train on this many earlier rollouts (a replay buffer)
     lr: float = 1e-4  # learning rate (AdamW for the LM, SGD for the table), > 0
     max_grad_norm: float = 1.0  # gradient clipping, > 0 (inf: none; the norm is logged either way)
-    max_new_tokens: int = 8  # generation budget (Dr. GRPO's T_max)
+    max_new_tokens: int = 16  # generation budget (Dr. GRPO's T_max)
     temperature: float = 1.0  # sampling temperature (log-probs use the same), > 0
     seed: int = 0  # prompt order and sampling seeds
 
     def __post_init__(self):
         loss = checks.choice("config.loss", self.loss, LOSSES)
         checks.choice("config.anchor", self.anchor, ("reference", "old"))
+        checks.choice("config.gvpo_terms", self.gvpo_terms, ("both", "covariance", "variance"))
+        checks.choice("config.gvpo_reduction", self.gvpo_reduction, ("mean", "sum"))
         checks.beta(self.beta, "config.beta")
         checks.real("config.clip_eps", self.clip_eps, low=0.0, high=1.0, low_open=True, high_open=True)
         checks.real("config.kl_coef", self.kl_coef, low=0.0)
         checks.integer("config.k", self.k, low=2)
-        for name in ("prompts_per_step", "steps", "updates_per_batch", "max_new_tokens"):
+        for name in ("prompts_per_step", "steps", "minibatches", "epochs", "max_new_tokens"):
             checks.integer(f"config.{name}", getattr(self, name), low=1)
-        checks.integer("config.seed", self.seed)
+        for name in ("staleness", "replay", "seed"):
+            checks.integer(f"config.{name}", getattr(self, name), low=0)
         checks.real("config.lr", self.lr, low=0.0, low_open=True)
         checks.real("config.max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, allow_inf=True)
         checks.real("config.temperature", self.temperature, low=0.0, low_open=True)
+        if self.prompts_per_step % self.minibatches:
+            raise ValueError(f"config.minibatches={self.minibatches} must divide config.prompts_per_step="
+                             f"{self.prompts_per_step} (whole groups per update)")
         defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
         for name in _LOSS_OPTIONS:
             if name not in LOSSES[loss].options and getattr(self, name) != defaults[name]:
@@ -100,78 +129,42 @@ class RLConfig:
                                  f"it (it uses {', '.join(LOSSES[loss].options)})")
 
 
-class TabularRun(NamedTuple):
-    """The final log pi_theta [P, N] and log pi_theta after every step."""
-
-    logp: Tensor
-    history: list[Tensor]
-
-
-def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: str = "policy") -> TabularRun:
-    r"""Train logits theta [P, N] (initialised at log pi_ref) on k sampled completions per prompt.
-
-    1. sample k indices per prompt from ``sampling``: "policy" (on-policy pi_theta), "uniform",
-       or "reference" (a stale snapshot: pi_ref, never refreshed);
-    2. gather log pi_theta, log pi_ref and R at them: [P, k], each completion one "token";
-    3. one SGD step (``config.lr``) on P times the configured loss (prompts have separate logits,
-       so each prompt gets the step size of a lone group).
-
-    Args:
-        logp_ref: [P, N] log pi_ref; reward: [P, N] R(x, y).
-        config: :class:`RLConfig` (its LM-only fields must stay at their defaults).
-        sampling: where the k completions come from.
-
-    Returns:
-        :class:`TabularRun`.
-    """
-    checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
-    checks.tensor("reward", reward, dims=2, floating=True)
-    checks.same_shape(logp_ref=logp_ref, reward=reward)
-    checks.finite("logp_ref", logp_ref, allow_neg_inf=True)
-    checks.finite("reward", reward)
-    checks.choice("sampling", sampling, ("policy", "uniform", "reference"))
-    if not isinstance(config, RLConfig):
-        raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
-    defaults = RLConfig()
-    for name in ("prompts_per_step", "updates_per_batch", "max_grad_norm", "max_new_tokens", "temperature"):
-        if getattr(config, name) != getattr(defaults, name):
-            raise ValueError(f"config.{name} does not apply to train_tabular (it takes one SGD step per batch)")
-    theta = torch.nn.Parameter(logp_ref.detach().clone())  # [P, N]
-    opt = torch.optim.SGD([theta], lr=config.lr)
-    g = torch.Generator(device=logp_ref.device).manual_seed(config.seed)
-    rows = torch.arange(logp_ref.shape[0], device=logp_ref.device).unsqueeze(1)  # [P, 1]
-    history = []
-    for _ in range(config.steps):
-        logp_all = torch.log_softmax(theta, dim=-1)  # [P, N]
-        probs = {"policy": logp_all, "uniform": torch.zeros_like(logp_ref), "reference": logp_ref}[sampling]
-        idx = torch.multinomial(probs.detach().softmax(-1), config.k, replacement=True, generator=g)  # [P, k]
-        tok = logp_all[rows, idx].unsqueeze(-1)  # [P, k] -> [P, k, 1]: one "token" per completion
-        batch = GroupBatch(tok, tok.detach(), logp_ref[rows, idx].unsqueeze(-1), torch.ones_like(tok),
-                           reward[rows, idx], max_tokens=1)
-        value = LOSSES[config.loss].fn(batch, config)
-        opt.zero_grad(set_to_none=True)
-        (value * logp_ref.shape[0]).backward()
-        opt.step()
-        history.append(torch.log_softmax(theta.detach(), dim=-1))
-    return TabularRun(history[-1], history)
-
-
 @dataclass
 class TrainLog:
     """Per-step metrics of :func:`train` (floats, one per step)."""
 
-    reward: list[float]  # mean reward of the step's samples
-    solved: list[float]  # share of groups with a nonzero reward
-    kl_ref: list[float]  # k1 estimate mean_i log pi_old(y_i)/pi_ref(y_i) on the step's samples
+    reward: list[float]  # mean reward of the step's fresh rollout
+    solved: list[float]  # share of its groups with a nonzero reward
+    kl_ref: list[float]  # k1 estimate mean_i log pi(y_i)/pi_ref(y_i) on the fresh rollout (policy before the step)
     loss: list[float]  # the loss of the step's last update
-    grad_norm: list[float]  # gradient norm before clipping, last update of the step
+    grad_norm: list[float]  # gradient norm before clipping, mean over the step's updates
+    clip_frac: list[float]  # share of real tokens whose GRPO ratio left [1-eps, 1+eps] (last update)
     length: list[float]  # mean completion length in tokens
 
     def as_dict(self) -> dict[str, list[float]]:
         """Namespaced keys, for loggers: ``reward/mean``, ``kl/ref``, ``grad/norm``, ..."""
         names = {"reward": "reward/mean", "solved": "reward/solved_frac", "kl_ref": "kl/ref", "loss": "loss",
-                 "grad_norm": "grad/norm", "length": "len/mean"}
+                 "grad_norm": "grad/norm", "clip_frac": "clip/frac", "length": "len/mean"}
         return {names[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class _Rollout:
+    s: lm.Samples  # P*k rows
+    rewards: Tensor  # [P, k]
+    behavior_tok: Tensor  # [P, k, T] log-probs of the generating policy
+    ref_tok: Tensor  # [P, k, T]
+
+
+def _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c: RLConfig, idx, seed) -> _Rollout:
+    s = lm.sample(policy, tokenizer, [prompts[i] for i in idx], k=c.k, max_new_tokens=c.max_new_tokens,
+                  temperature=c.temperature, seed=seed)
+    rewards = checks.rewards(reward_fn(s.texts, s.expand([targets[i] for i in idx])), len(s))
+    args = (s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, c.temperature)
+    with torch.no_grad():
+        behavior = s.by_prompt(lm._sequence_logprobs(policy, *args)[1])  # [P, k, T]
+        ref_tok = s.by_prompt(lm._sequence_logprobs(ref, *args)[1])
+    return _Rollout(s, s.by_prompt(rewards.to(behavior.device)), behavior, ref_tok)
 
 
 def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable,
@@ -179,21 +172,16 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
     r"""Train ``policy`` in place with the configured loss on sampled groups.
 
     Each step:
-      1. draw ``prompts_per_step`` prompts and k completions each from the policy (``lm.sample``);
-      2. score them: ``reward_fn(texts, targets) -> [P·k]`` rewards;
-      3. per-token log-probs of ``ref`` (no grad);
-      4. ``updates_per_batch`` times: policy log-probs with grad, the loss, AdamW step; the first
-         update's log-probs, detached, are the old policy's (no extra forward).
+      1. generate a rollout: ``prompts_per_step`` prompts, k completions each, from the current
+         policy (``lm.sample``), their rewards (``reward_fn(texts, targets) -> [P·k]``), and the
+         per-token log-probs of the generating policy and of ``ref`` (no grad);
+      2. pick the data: the rollout of ``staleness`` steps ago plus ``replay`` earlier ones (none
+         yet: no update this step);
+      3. the anchor log-probs of the current policy at the start of the updates (no grad);
+      4. ``epochs`` × ``minibatches`` sequential AdamW updates, each on a shuffled equal share of
+         the groups, with gradient clipping.
 
     The policy stays in eval mode (dropout off), as usual for RL fine-tuning of LMs.
-
-    Args:
-        policy: causal LM to train (modified in place).
-        ref: the frozen reference model pi_ref (same tokenizer); never updated.
-        prompts, targets: the prompt pool and what ``reward_fn`` needs for each prompt.
-        reward_fn: ``(texts, targets) -> Tensor [n]``.
-        config: :class:`RLConfig`.
-        progress: show a tqdm bar.
 
     Returns:
         :class:`TrainLog`.
@@ -202,39 +190,53 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
 
     if not isinstance(config, RLConfig):
         raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+    c = config
     prompts = checks.strings("prompts", prompts)
     if len(prompts) != len(targets):
         raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
-    n_prompts = min(config.prompts_per_step, len(prompts))
-    device = next(policy.parameters()).device
+    if c.prompts_per_step > len(prompts):
+        raise ValueError(f"config.prompts_per_step={c.prompts_per_step} exceeds the {len(prompts)} prompts")
     policy.eval()  # dropout off for sampling and for the update alike
-    opt = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(config.seed)
-    logs: dict[str, list[Tensor]] = {f.name: [] for f in dataclasses.fields(TrainLog)}
-    for step in tqdm(range(config.steps), disable=not progress, desc=config.loss):
-        idx = torch.randperm(len(prompts), generator=g)[:n_prompts].tolist()
-        s = lm.sample(policy, tokenizer, [prompts[i] for i in idx], k=config.k, max_new_tokens=config.max_new_tokens,
-                      temperature=config.temperature, seed=config.seed * 1_000_003 + step)
-        rewards = checks.rewards(reward_fn(s.texts, s.expand([targets[i] for i in idx])), len(s))
-        rewards = s.by_prompt(rewards.to(device))  # [P*k] -> [P, k]
-        args = (s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, config.temperature)
-        with torch.no_grad():
-            ref_tok = s.by_prompt(lm._sequence_logprobs(ref, *args)[1])  # [P, k, T]
-        mask = s.by_prompt(s.completion_mask.float())
-        for update in range(config.updates_per_batch):
-            logp_tok = s.by_prompt(lm._sequence_logprobs(policy, *args)[1])
-            if update == 0:  # the policy has not moved yet: its log-probs are the old ones
-                old_tok = logp_tok.detach()
-            batch = GroupBatch(logp_tok, old_tok, ref_tok, mask, rewards, config.max_new_tokens)
-            loss = LOSSES[config.loss].fn(batch, config)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            opt.step()
-        logs["reward"].append(rewards.mean())
-        logs["solved"].append((rewards.max(dim=1).values > 0).float().mean())
-        logs["kl_ref"].append((old_tok - ref_tok).sum(-1).mean())
-        logs["loss"].append(loss.detach())
-        logs["grad_norm"].append(grad_norm.detach())
-        logs["length"].append(mask.sum(-1).mean())
-    return TrainLog(**{key: torch.stack(v).cpu().tolist() for key, v in logs.items()})  # one host sync, at the end
+    opt = torch.optim.AdamW(policy.parameters(), lr=c.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(c.seed)
+    buffer: list[_Rollout] = []
+    logs: dict[str, list] = {f.name: [] for f in dataclasses.fields(TrainLog)}
+    for step in tqdm(range(c.steps), disable=not progress, desc=c.loss):
+        idx = torch.randperm(len(prompts), generator=g)[: c.prompts_per_step].tolist()
+        fresh = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c, idx, c.seed * 1_000_003 + step)
+        buffer = (buffer + [fresh])[-(c.staleness + c.replay + 1):]
+        data = buffer[: len(buffer) - c.staleness][-(c.replay + 1):] if len(buffer) > c.staleness else []
+        loss, norms, clip = torch.zeros(()), [], torch.zeros(())
+        starts = []  # the anchor "old": the policy as this step's updates begin (no grad)
+        for r in data:
+            args = (r.s.prompt_ids, r.s.prompt_mask, r.s.completion_ids, r.s.completion_mask, c.temperature)
+            with torch.no_grad():
+                starts.append(r.behavior_tok if r is fresh else r.s.by_prompt(lm._sequence_logprobs(policy, *args)[1]))
+        for r, start in zip(data, starts):
+            mask = r.s.by_prompt(r.s.completion_mask.float())
+            P = r.rewards.shape[0]
+            for _ in range(c.epochs):
+                for groups in torch.randperm(P, generator=g).chunk(c.minibatches):
+                    rows = (groups[:, None] * c.k + torch.arange(c.k)).reshape(-1).to(mask.device)  # [m*k]
+                    sub = r.s.rows(rows, k=c.k)
+                    logp = sub.by_prompt(lm._sequence_logprobs(policy, sub.prompt_ids, sub.prompt_mask,
+                                                               sub.completion_ids, sub.completion_mask, c.temperature)[1])
+                    gi = groups.to(mask.device)
+                    batch = GroupBatch(logp, r.behavior_tok[gi], start[gi], r.ref_tok[gi], mask[gi], r.rewards[gi],
+                                       c.max_new_tokens)
+                    loss = LOSSES[c.loss].fn(batch, c)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm).detach())
+                    opt.step()
+                    ratio = torch.exp(logp.detach() - batch.behavior_tok)
+                    clip = ((ratio - 1).abs() > c.clip_eps).float().mul(batch.mask).sum() / batch.mask.sum()
+        fm = fresh.s.by_prompt(fresh.s.completion_mask.float())
+        logs["reward"].append(fresh.rewards.mean())
+        logs["solved"].append((fresh.rewards.max(dim=1).values > 0).float().mean())
+        logs["kl_ref"].append((fresh.behavior_tok - fresh.ref_tok).sum(-1).mean())
+        logs["loss"].append(loss.detach().cpu())
+        logs["grad_norm"].append(torch.stack(norms).mean().cpu() if norms else torch.zeros(()))
+        logs["clip_frac"].append(clip.detach().cpu())
+        logs["length"].append(fm.sum(-1).mean())
+    return TrainLog(**{key: torch.stack([v.float().cpu() for v in vals]).tolist() for key, vals in logs.items()})

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from refimpl import grpo, gvpo, kl, rl
+from refimpl import grpo, gvpo, kl, rl, tabular
 from refimpl.rl import RLConfig
 
 
@@ -102,7 +102,7 @@ def test_tabular_gvpo_reaches_the_optimum(sampling):
     logp_ref, reward = _small_world()
     beta = 0.5
     logp_star = kl.optimal_policy(logp_ref, reward, beta)
-    logp, _ = rl.train_tabular(logp_ref, reward, RLConfig(beta=beta, k=8, steps=800, lr=10.0), sampling=sampling)
+    logp, _ = tabular.train_tabular(logp_ref, reward, RLConfig(beta=beta, k=8, steps=800, lr=10.0), sampling=sampling)
     assert kl.kl_divergence(logp, logp_star).max().item() < 1e-4
     assert kl.kl_divergence(logp_ref, logp_star).min().item() > 1e-2  # it had somewhere to go
 
@@ -111,7 +111,7 @@ def test_old_anchor_does_not_reach_the_optimum():
     logp_ref, reward = _small_world()
     beta = 0.5
     logp_star = kl.optimal_policy(logp_ref, reward, beta)
-    logp, _ = rl.train_tabular(logp_ref, reward, RLConfig(beta=beta, anchor="old", k=8, steps=800, lr=10.0))
+    logp, _ = tabular.train_tabular(logp_ref, reward, RLConfig(beta=beta, anchor="old", k=8, steps=800, lr=10.0))
     assert kl.kl_divergence(logp, logp_star).mean().item() > 0.1
 
 
@@ -185,7 +185,11 @@ def test_validation_types_and_config():
     with pytest.raises(ValueError, match="config.max_grad_norm"):
         RLConfig(max_grad_norm=float("nan"))
     with pytest.raises(ValueError, match="config.prompts_per_step"):
-        rl.train_tabular(torch.zeros(2, 3), torch.zeros(2, 3), RLConfig(prompts_per_step=3))
+        tabular.train_tabular(torch.zeros(2, 3), torch.zeros(2, 3), RLConfig(prompts_per_step=3))
+    with pytest.raises(ValueError, match="config.minibatches"):
+        RLConfig(prompts_per_step=6, minibatches=4)
+    with pytest.raises(ValueError, match="config.gvpo_terms"):
+        RLConfig(loss="grpo", gvpo_terms="variance")
 
 
 @pytest.mark.parametrize("loss", ["gvpo", "grpo", "dr_grpo"])
@@ -222,3 +226,51 @@ def test_cpu_and_cuda_agree():
     r = torch.rand(2, 3)
     torch.testing.assert_close(grpo.grpo_loss(z.cuda(), z.cuda(), m.cuda(), r.cuda()).cpu(),
                                grpo.grpo_loss(z, z, m, r))
+
+
+def test_table_ablations_and_reduction_match_the_functions():
+    logp, anchor, R = _groups(P=4, k=5)
+    tok = logp.unsqueeze(-1)
+    one = lambda t: t.unsqueeze(-1)
+    b = rl.GroupBatch(tok, one(anchor), one(anchor), one(anchor), torch.ones_like(tok), R, 1)
+    for terms, cov, var in [("covariance", True, False), ("variance", False, True)]:
+        got = rl.LOSSES["gvpo"].fn(b, RLConfig(beta=0.3, gvpo_terms=terms))
+        torch.testing.assert_close(got, gvpo.gvpo_loss_terms(logp, anchor, R, 0.3, covariance=cov, variance=var))
+    mean = rl.LOSSES["gvpo"].fn(b, RLConfig(beta=0.3))
+    total = rl.LOSSES["gvpo"].fn(b, RLConfig(beta=0.3, gvpo_reduction="sum"))
+    torch.testing.assert_close(total, 4 * mean)  # the authors' sum over groups = groups x the mean
+    # both terms: the full loss minus the constant 1/2 Var(R), hence the same gradient
+    both = gvpo.gvpo_loss_terms(logp, anchor, R, 0.3)
+    torch.testing.assert_close(both + 0.5 * R.var(1).mean(), mean)
+
+
+def test_mirror_descent_step_theorem():
+    """GVPO anchored at the policy at the start of a period, trained to convergence within it,
+    takes the step pi_next = pi_start exp(R/beta) / Z (a KL-regularized trust-region step)."""
+    logp_ref, reward = _small_world(seed=4)
+    beta, period = 0.5, 600
+    cfg = RLConfig(beta=beta, anchor="old", k=8, steps=2 * period, lr=10.0)
+    _, hist = tabular.train_tabular(logp_ref, reward, cfg, sampling="uniform", anchor_every=period)
+    one = kl.optimal_policy(logp_ref, reward, beta)  # after one period
+    two = kl.optimal_policy(one, reward, beta)  # = pi_ref exp(2R/beta)/Z after two
+    assert kl.kl_divergence(hist[period - 1], one).max() < 1e-6
+    assert kl.kl_divergence(hist[-1], two).max() < 1e-6
+    assert kl.kl_divergence(two, one).min() > 1e-2  # the two targets really differ
+
+
+@pytest.mark.parametrize("kw", [dict(minibatches=2), dict(staleness=1), dict(replay=1, minibatches=2)])
+def test_train_rollout_variants(arith_model, kw):
+    from refimpl import load_model
+    from refimpl.worlds import arith
+
+    ref, tok = arith_model
+    prompts, targets = arith.prompts("train")
+    for loss, extra in [("gvpo", dict(anchor="old")), ("grpo", {})]:
+        policy, _ = load_model("refimpl/toy-arith", device="cpu")
+        cfg = RLConfig(loss=loss, steps=3, k=2, prompts_per_step=4, lr=1e-2, max_new_tokens=8, **extra, **kw)
+        log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
+        assert all(len(v) == 3 for v in log.as_dict().values())
+        if kw.get("minibatches", 1) > 1 or kw.get("staleness"):
+            assert max(log.clip_frac) > 0  # the second update (or stale data) moves the ratio off 1
+        if kw.get("staleness"):
+            assert log.grad_norm[0] == 0.0  # step 0 has no rollout old enough to train on

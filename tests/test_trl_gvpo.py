@@ -1,4 +1,8 @@
-"""GVPO through TRL's GRPOTrainer: the loss equals refimpl.gvpo.gvpo_loss on the same batch."""
+"""GVPO through TRL's GRPOTrainer: the loss equals refimpl.gvpo.gvpo_loss on the same batch, the
+update does not depend on gradient accumulation, conflicting settings raise, tool tokens are
+masked, and a changed TRL private API fails loudly."""
+import copy
+
 import pytest
 import torch
 
@@ -6,64 +10,234 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import refimpl  # noqa: E402
-from refimpl import lm  # noqa: E402
+from refimpl import lm, trl_gvpo  # noqa: E402
 from refimpl.gvpo import gvpo_loss  # noqa: E402
 from refimpl.trl_gvpo import GVPOTrainer, GVPOTrainerConfig  # noqa: E402
 from refimpl.worlds import arith  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def _reward(completions, target, **kwargs):
     return arith.reward([c.split(arith.STOP)[0] for c in completions], target).tolist()
 
 
-class _Recording(GVPOTrainer):
-    """Records, at every loss evaluation, TRL's loss and refimpl's on the same tensors."""
+def _spread_reward(completions, **kwargs):
+    """A deterministic reward that differs between most distinct completions."""
+    return [sum(map(ord, c)) % 7 / 7 for c in completions]
 
-    seen: list
+
+def _setup(n_prompts=16):
+    refimpl.config.quiet()
+    model, tok = refimpl.load_model("refimpl/toy-arith", device="cpu")
+    tok.eos_token = arith.STOP  # TRL stops and masks at the tokenizer's eos
+    texts, targets = arith.prompts("train")
+    data = datasets.Dataset.from_dict({"prompt": texts[:n_prompts], "target": targets[:n_prompts]})
+    return model, tok, data
+
+
+def _config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_completion_length=6, logging_steps=1, report_to="none",
+                save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, gvpo_beta=0.1,
+                bf16=False)  # GRPOConfig defaults to bf16 autocast, even on CPU; compare in float32
+    return GVPOTrainerConfig(**{**base, **kw})
+
+
+class _Recording(GVPOTrainer):
+    """Records TRL's loss and refimpl's on the same tensors, with an anchor computed independently."""
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, batch_size=None, **kwargs):
+        self.passes.append((input_ids.shape[0], batch_size))
+        return super()._get_per_token_logps_and_entropies(model, input_ids, *args, batch_size=batch_size, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        if self.args.gvpo_anchor == "old":
+            self.generating_policy.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+        return super()._generate_and_score_completions(inputs)
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
         k = self.num_generations
-        logp, _ = lm.sequence_logprobs(model, inputs["prompt_ids"], inputs["prompt_mask"],
-                                       inputs["completion_ids"], inputs["completion_mask"])
-        ours = gvpo_loss(logp.view(-1, k), inputs["gvpo_logp_anchor"].view(-1, k),
-                         inputs["advantages"].view(-1, k), self.args.gvpo_beta)
+        args = (inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])
+        anchor = self.reference if self.args.gvpo_anchor == "reference" else self.generating_policy
+        with torch.no_grad():
+            logp = lm.sequence_logprobs(model, *args)[0].view(-1, k)
+            logp_anchor = lm.sequence_logprobs(anchor, *args)[0].view(-1, k)
+        ours = gvpo_loss(logp, logp_anchor, inputs["advantages"].view(-1, k), self.args.gvpo_beta)
         groups = inputs["prompt_ids"].view(-1, k, inputs["prompt_ids"].shape[1])
-        self.seen.append((loss.item(), ours.item(), bool((groups == groups[:, :1]).all()),
-                          inputs["advantages"].view(-1, k).sum(1).abs().max().item()))
+        accumulated = self.current_gradient_accumulation_steps if model.training else 1
+        centred = inputs["advantages"].view(-1, k).sum(1).abs().max().item()
+        self.seen.append((loss.item() * accumulated, ours.item(), groups.shape[0],
+                          bool((groups == groups[:, :1]).all()), centred))
         return loss
 
 
-@pytest.mark.parametrize("anchor", ["old", "reference"])
-def test_trl_gvpo_loss_matches_refimpl(tmp_path, anchor):
-    refimpl.config.quiet()
-    model, tok = refimpl.load_model("refimpl/toy-arith", device="cpu")
-    tok.eos_token = arith.STOP  # TRL stops and masks at the tokenizer's eos
+@pytest.mark.parametrize("anchor,reduction", [("old", "mean"), ("reference", "mean"), ("old", "sum")])
+def test_trl_gvpo_loss_matches_refimpl(tmp_path, anchor, reduction):
+    model, tok, data = _setup()
+    initial = copy.deepcopy(model)  # before TRL patches the model's forward
     before = [p.detach().clone() for p in model.parameters()]
-    texts, targets = arith.prompts("train")
-    data = datasets.Dataset.from_dict({"prompt": texts[:16], "target": targets[:16]})
-    args = GVPOTrainerConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, steps_per_generation=2,
-        gradient_accumulation_steps=2, max_completion_length=6, max_steps=2, learning_rate=1e-3,
-        num_iterations=2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-        gvpo_beta=0.1, gvpo_anchor=anchor, disable_tqdm=True,
-    )
+    # two optimizer steps per generation batch, reused twice: TRL computes old_per_token_logps
+    args = _config(tmp_path, per_device_train_batch_size=8, num_generations=4, steps_per_generation=2,
+                   gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-3, num_iterations=2,
+                   gvpo_anchor=anchor, gvpo_reduction=reduction)
     trainer = _Recording(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok)
-    trainer.seen = []
+    trainer.seen, trainer.passes = [], []
+    trainer.reference, trainer.generating_policy = initial, copy.deepcopy(initial)
+    assert trainer.gvpo_ref_model is None if anchor == "old" else trainer.gvpo_ref_model is not model
     trainer.train()
-    assert len(trainer.seen) >= 4
-    for trl_loss, ours, whole_groups, centred in trainer.seen:
+    assert len(trainer.seen) == 4
+    for trl_loss_unscaled, ours, groups, whole_groups, centred in trainer.seen:
         assert whole_groups and centred < 1e-5  # groups intact, rewards centred, not std-scaled
-        assert abs(trl_loss - ours) <= 1e-5 * max(1.0, abs(ours))
-    assert max(ours for _, ours, *_ in trainer.seen) > 0  # the second iteration moves away from the anchor
+        expected = ours * (groups if reduction == "sum" else 1)  # "sum" = groups × "mean"
+        assert abs(trl_loss_unscaled - expected) <= 1e-5 * max(1.0, abs(expected))
+    assert max(ours for _, ours, *_ in trainer.seen) > 0  # later micro-batches move away from the anchor
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # one generation batch of 16: TRL's old-log-prob pass (and the reference pass) in chunks of 8, then 4 losses
+    anchor_passes = [(16, 8)] * (2 if anchor == "reference" else 1)
+    assert trainer.passes == anchor_passes + [(8, None)] * 4
+    # evaluation: 4 prompts × 4 completions in micro-batches of 8, the loss not divided for accumulation
+    trainer.seen, trainer.passes = [], []
+    trainer.evaluate(eval_dataset=data.select(range(4)))
+    assert len(trainer.seen) == 2
+    assert trainer.passes == ([(8, 8)] * len(anchor_passes) + [(8, None)]) * 2  # TRL's old pass runs in eval too
+    for trl_loss, ours, groups, whole_groups, centred in trainer.seen:
+        assert whole_groups and abs(trl_loss - ours * (groups if reduction == "sum" else 1)) <= 1e-5 * max(1, ours)
+
+
+def test_peft_reference_is_the_policy_without_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok, data = _setup()
+    initial = copy.deepcopy(model)
+    # a new generation batch at each of 3 steps: the later ones are drawn after LoRA updates
+    args = _config(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=3, learning_rate=1e-2,
+                   gvpo_anchor="reference")
+    trainer = _Recording(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    trainer.seen, trainer.passes, trainer.reference = [], [], initial
+    assert trainer.gvpo_ref_model is None  # no copy: the adapters are switched off for the anchor pass
+    trainer.train()
+    assert len(trainer.seen) == 3 and trainer.passes == [(8, 8), (8, None)] * 3
+    for trl_loss_unscaled, ours, *_ in trainer.seen:
+        assert abs(trl_loss_unscaled - ours) <= 1e-5 * max(1.0, abs(ours))
+    with torch.no_grad():  # the adapters did move the policy away from the anchor
+        x = dict(input_ids=torch.tensor([[12, 13, 14]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+        assert (trainer.model(**x).logits - initial(**x).logits).abs().max() > 1e-3
+
+
+class _FixedSampling(GVPOTrainer):
+    """Generation under a fixed seed, so that two runs sample the same completions."""
+
+    def _generate(self, prompts):
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            return super()._generate(prompts)
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        self.generated = out["completion_ids"].clone()
+        return out
+
+
+def _one_step(tmp_path, accumulation, reduction="mean"):
+    """(parameter update, completions) after one SGD step on 2 prompts × 4 completions."""
+    model, tok, data = _setup(n_prompts=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    args = _config(tmp_path, per_device_train_batch_size=8 // accumulation, num_generations=4,
+                   gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+                   max_grad_norm=0.0, gvpo_reduction=reduction, temperature=2.0)
+    trainer = _FixedSampling(model=model, reward_funcs=_spread_reward, args=args, train_dataset=data,
+                             processing_class=tok)
+    trainer.train()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)], trainer.generated
+
+
+def test_update_does_not_depend_on_gradient_accumulation(tmp_path):
+    one, completions_one = _one_step(tmp_path / "a", accumulation=1)
+    two, completions_two = _one_step(tmp_path / "b", accumulation=2)
+    assert torch.equal(completions_one, completions_two)  # same data in both runs
+    scale = max(d.abs().max().item() for d in one)
+    assert scale > 1e-4  # rewards differ within groups: a real update
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
+    # the authors' "sum": groups per micro-batch (here 2) × the mean's update
+    summed, completions_sum = _one_step(tmp_path / "c", accumulation=1, reduction="sum")
+    assert torch.equal(completions_one, completions_sum)
+    for a, b in zip(one, summed):
+        torch.testing.assert_close(2 * a, b, rtol=0, atol=1e-5 * scale)
+
+
+def test_tool_tokens_are_masked(tmp_path):
+    model, tok, data = _setup(n_prompts=4)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    trainer = GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok)
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(11, 70, (4, 3), generator=g)
+    completion_ids = torch.randint(11, 70, (4, 5), generator=g)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    tool_mask = torch.tensor([[1, 0, 0, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids), completion_ids=completion_ids,
+                  completion_mask=completion_mask)
+    with torch.no_grad():
+        _, per_token = lm.sequence_logprobs(model, prompt_ids, inputs["prompt_mask"], completion_ids, completion_mask)
+        with_tools, _ = trainer._gvpo_logps(trainer.model, {**inputs, "tool_mask": tool_mask})
+        without, _ = trainer._gvpo_logps(trainer.model, inputs)
+    torch.testing.assert_close(with_tools, (per_token * tool_mask).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(without, per_token.sum(1), rtol=1e-5, atol=1e-5)
+    masks_a_token = ((1 - tool_mask) * completion_mask).any(1)  # rows 0, 2, 3
+    assert bool((with_tools != without)[masks_a_token].all()) and bool((with_tools == without)[~masks_a_token].all())
 
 
 def test_config_validation(tmp_path):
-    with pytest.raises(ValueError, match="num_generations"):
-        GVPOTrainerConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=4, use_cpu=True)
-    with pytest.raises(ValueError, match="gvpo_anchor"):
-        GVPOTrainerConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                          gvpo_anchor="stale", use_cpu=True)
-    cfg = GVPOTrainerConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True)
-    assert cfg.scale_rewards == "none" and cfg.beta == 0.0
+    ok = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True)
+    cfg = GVPOTrainerConfig(**ok)  # the defaults are GVPO's settings
+    assert cfg.scale_rewards == "none" and cfg.beta == 0.0 and cfg.gvpo_reduction == "mean"
+    assert GVPOTrainerConfig(**ok, scale_rewards=False).scale_rewards == "none"
+    bad = [({"per_device_train_batch_size": 6, "gradient_accumulation_steps": 2}, "per_device_train_batch_size"),
+           ({"gvpo_anchor": "stale"}, "gvpo_anchor"), ({"gvpo_reduction": "max"}, "gvpo_reduction"),
+           ({"gvpo_beta": 0.0}, "gvpo_beta"), ({"beta": 0.04}, "beta"),
+           ({"scale_rewards": "group"}, "scale_rewards"), ({"scale_rewards": True}, "scale_rewards"),
+           ({"scale_rewards": "batch"}, "scale_rewards"),
+           ({"multi_objective_aggregation": "normalize_then_sum"}, "multi_objective_aggregation"),
+           ({"num_generations_eval": 2}, "num_generations_eval"), ({"loss_type": "grpo"}, "loss_type"),
+           ({"epsilon": 0.3}, "epsilon"), ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+           ({"entropy_coef": 0.01}, "entropy_coef"), ({"importance_sampling_level": "sequence"}, "importance"),
+           ({"vllm_importance_sampling_correction": True}, "vllm_importance_sampling_correction")]
+    for change, name in bad:
+        with pytest.raises(ValueError, match=name):
+            GVPOTrainerConfig(**{**ok, **change})
+    assert GVPOTrainerConfig(**ok, num_generations_eval=4).num_generations_eval == 4
+
+
+def test_eval_micro_batches_hold_whole_groups(tmp_path, monkeypatch):
+    # on 2 processes, TRL accepts a global eval batch of 2 × 2 = 4 = k, but each process would hold half a group
+    monkeypatch.setattr(GVPOTrainerConfig, "world_size", property(lambda self: 2))
+    ok = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, use_cpu=True,
+              eval_strategy="steps", eval_steps=1)
+    assert GVPOTrainerConfig(**ok, per_device_eval_batch_size=4).per_device_eval_batch_size == 4
+    with pytest.raises(ValueError, match="per_device_eval_batch_size"):
+        GVPOTrainerConfig(**ok, per_device_eval_batch_size=2)
+
+
+def test_ref_model_only_with_reference_anchor(tmp_path):
+    model, tok, data = _setup(n_prompts=4)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    with pytest.raises(ValueError, match="ref_model"):
+        GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok,
+                    ref_model=copy.deepcopy(model))
+
+
+def test_changed_trl_api_fails_loudly(monkeypatch):
+    trl_gvpo.check_trl_api()  # the installed TRL passes
+    with monkeypatch.context() as m:
+        m.delattr(trl.GRPOTrainer, "_get_per_token_logps_and_entropies")
+        with pytest.raises(RuntimeError, match=rf"trl {trl.__version__}.*_get_per_token_logps_and_entropies"):
+            trl_gvpo.check_trl_api()
+        with pytest.raises(RuntimeError, match=trl.__version__):  # before any work, whatever the arguments
+            GVPOTrainer(model=None, reward_funcs=None)
+    with monkeypatch.context() as m:
+        m.setattr(trl.GRPOTrainer, "_compute_loss", lambda self, inputs: None)
+        with pytest.raises(RuntimeError, match="_compute_loss"):
+            trl_gvpo.check_trl_api()
+    with pytest.raises(RuntimeError, match="_buffered_inputs"):
+        trl_gvpo.check_trl_api(type("Trainer", (), {"_step": 0})())

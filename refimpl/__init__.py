@@ -7,13 +7,18 @@ sampling, embeddings for any causal LM), :mod:`refimpl.models` (the book's model
 :mod:`refimpl.pools` (samples with rewards and features), :mod:`refimpl.metrics` (pass@k and
 intervals), :mod:`refimpl.checks` (argument checks), :mod:`refimpl.config` (scale, device, cache).
 Methods: :mod:`refimpl.qprobe`; :mod:`refimpl.gvpo`, :mod:`refimpl.grpo` and their trainers in
-:mod:`refimpl.rl` (a causal LM) and :mod:`refimpl.tabular` (the exact world) (and :mod:`refimpl.trl_gvpo` on TRL); :mod:`refimpl.idle`; :mod:`refimpl.rft`.
+:mod:`refimpl.rl` (a causal LM) and :mod:`refimpl.tabular` (the exact world) (and :mod:`refimpl.trl_gvpo` on TRL); :mod:`refimpl.idle`
+with :mod:`refimpl.constraints` (prefix-dependent banned sets) and :mod:`refimpl.smc` (sequential
+Monte Carlo); :mod:`refimpl.rft`. Neighbours of pi*: :mod:`refimpl.bestofn` (best-of-n and
+rejection sampling), :mod:`refimpl.dpo`, :mod:`refimpl.klpg` (KL-regularized policy gradient).
 :mod:`refimpl.report` records each chapter's numbers and claims.
 """
-from . import checks, config, grpo, gvpo, idle, kl, lm, metrics, models, pools, qprobe, report, resample, rft, rl, tabular, worlds
+from . import (bestofn, checks, config, constraints, dpo, grpo, gvpo, idle, kl, klpg, lm, metrics, models, pools, qprobe,
+               report, resample, rft, rl, sampling, smc, tabular, worlds)
 from .config import get_scale
 from .models import load_model
 
-__all__ = ["checks", "config", "grpo", "gvpo", "idle", "kl", "lm", "metrics", "models", "pools", "qprobe", "report",
-           "resample", "rft", "rl", "tabular", "worlds", "get_scale", "load_model"]
+__all__ = ["bestofn", "checks", "config", "constraints", "dpo", "grpo", "gvpo", "idle", "kl", "klpg", "lm", "metrics",
+           "models", "pools", "qprobe", "report", "resample", "rft", "rl", "sampling", "smc", "tabular", "worlds", "get_scale",
+           "load_model"]
 __version__ = "0.2.0"

@@ -12,10 +12,9 @@ this *is* softmax after -inf masking: the processed scores differ by a per-row c
 sampling and greedy decoding are the same method; real implementations differ by where the mask
 sits relative to top-k / top-p truncation and by finite fill values. **Beam search is different**:
 ``transformers`` takes the log-softmax *before* the logits processors there, so with this
-processor the beams accumulate log q(y) = log P(y) - log w(y), while with -inf masking they
-accumulate log P(y), whose maximizer over allowed sequences is the mode of P(y | allowed).
-
-Over whole completions, token-wise renormalization samples q(y) = P(y) / w(y) with
+processor the beams accumulate log q(y) = log P(y) - log w(y) (they find the mode of q), with
+-inf masking (``SuppressTokensLogitsProcessor``) log P(y) (the mode of P(y | allowed)). B may
+depend on the prefix: ``banned_ids`` may be a :class:`refimpl.constraints.Constraint`. Over whole completions, token-wise renormalization samples q(y) = P(y) / w(y) with
 w(y) = prod_t Z_t, not the KL-optimal P(y | no banned token) = P(y) 1[y allowed] / P(allowed);
 the weight w corrects it (importance resampling with :mod:`refimpl.resample`, or rejection as the
 exact reference).
@@ -34,8 +33,9 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from . import checks, lm
+from . import checks, constraints, lm
 from .resample import effective_sample_size
+from .smc import resample_index
 
 __all__ = ["exclude_and_renormalize", "IDLELogitsProcessor", "NaiveMaskLogitsProcessor", "exact_token_level",
            "log_allowed_mass", "corrected_sample", "Corrected", "rejection_sample", "Rejection"]
@@ -87,11 +87,13 @@ def exclude_and_renormalize(logits: Tensor, banned_ids) -> Tensor:
 class IDLELogitsProcessor(LogitsProcessor):
     """I-DLE as a ``transformers`` logits processor: renormalized log-probs, banned = -inf.
 
-    Put it before truncation (pass it in ``generate(logits_processor=[...])`` and let generate
-    apply temperature / top-k / top-p): the nucleus is then computed on Q, not on P. The mask is
-    built once per (device, vocabulary size) and cached. Returns the input dtype (fp32 / fp16 /
-    bf16); the arithmetic is done in float32. A row with no allowed finite score raises
-    ``ValueError`` (one boolean read per step, ``check=False`` skips it).
+    ``banned_ids``: token ids (a fixed B; its mask is built once per device and vocabulary size)
+    or a :class:`refimpl.constraints.Constraint` (B(y_<t) per row, tracked across the calls of a
+    ``generate``, beam reorders included). Put it before truncation (pass it in
+    ``generate(logits_processor=[...])`` and let generate apply temperature / top-k / top-p): the
+    nucleus is then computed on Q, not on P. Returns the input dtype (fp32 / fp16 / bf16); the
+    arithmetic is done in float32. A row with no allowed finite score raises ``ValueError`` (one
+    boolean read per step, ``check=False`` skips it).
 
     With ``track_temperature=T`` the processor also records log Z_t of the unconstrained
     distribution softmax(scores / T) at every step (no extra forward pass):
@@ -99,7 +101,10 @@ class IDLELogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, banned_ids, check: bool = True, track_temperature: float | None = None):
-        self.banned_ids = checks.token_ids("banned_ids", banned_ids)
+        self.constraint = constraints.as_constraint(banned_ids)
+        fixed = isinstance(self.constraint, constraints.BannedTokens)
+        self.banned_ids = self.constraint.ids if fixed else None
+        self._tracker = None if fixed else constraints.Tracker(self.constraint)
         self.check = bool(check)
         self.track_temperature = (None if track_temperature is None else
                                   checks.real("track_temperature", track_temperature, low=0.0, low_open=True))
@@ -107,14 +112,18 @@ class IDLELogitsProcessor(LogitsProcessor):
         self._segments: list[list[Tensor]] = []  # one list of [rows] log Z_t per generate call
         self._last_len = None
 
-    def mask(self, vocab_size: int, device) -> Tensor:
+    def banned(self, input_ids: Tensor | None, vocab_size: int, device) -> Tensor:
+        """[V] (fixed B, cached per device and vocabulary size) or [rows, V] (a constraint: B(y_<t)
+        of each row of ``input_ids``) bool mask of the banned tokens."""
+        if self._tracker is not None:
+            return self._tracker.banned(input_ids, vocab_size, device)
         key = (torch.device(device), vocab_size)
         if key not in self._masks:
             self._masks[key] = _banned_mask(self.banned_ids, vocab_size, device)
         return self._masks[key]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        banned = self.mask(scores.shape[-1], scores.device)
+        banned = self.banned(input_ids, scores.shape[-1], scores.device)
         out = _renormalize(scores, banned)
         if self.check:
             _no_allowed_row(out)
@@ -151,14 +160,14 @@ class NaiveMaskLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, banned_ids, fill_value: float | None = None):
-        self.banned_ids = checks.token_ids("banned_ids", banned_ids)
+        self._idle = IDLELogitsProcessor(banned_ids)  # token ids or a Constraint
+        self.banned_ids = self._idle.banned_ids
         if fill_value is not None and fill_value != float("-inf"):
             fill_value = checks.real("fill_value", fill_value, high=0.0)  # a finite fill, or -inf
         self.fill_value = fill_value
-        self._idle = IDLELogitsProcessor(self.banned_ids)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        banned = self._idle.mask(scores.shape[-1], scores.device)
+        banned = self._idle.banned(input_ids, scores.shape[-1], scores.device)
         fill = torch.finfo(scores.dtype).min if self.fill_value is None else self.fill_value
         return scores.masked_fill(banned, fill)
 
@@ -192,11 +201,15 @@ def exact_token_level(logp: Tensor, vocab_size: int, banned_ids) -> tuple[Tensor
         # Marginal of the prefix y_<=t: sum out the later positions.
         marg = torch.logsumexp(joint, dim=tuple(range(t + 2, L + 1))) if t < L - 1 else joint
         marg = marg.reshape(P, *([V] * (t + 1)), *([1] * (L - t - 1)))  # [P, V..(t+1).., 1...]
-        cond = marg - prev  # log P(y_t | y_<t), broadcast over later positions
+        # log P(y_t | y_<t), broadcast over later positions; -inf after a prefix of probability 0
+        cond = torch.where(torch.isneginf(prev), torch.full_like(marg, float("-inf")), marg - prev)
         cond_allowed = cond.masked_fill(banned.reshape(*([1] * (t + 1)), V, *([1] * (L - t - 1))),
                                         float("-inf"))
         log_Z = torch.logsumexp(cond_allowed, dim=t + 1, keepdim=True)  # [P, ..prefix.., 1, ...]
-        log_q = log_q + cond_allowed - log_Z
+        if bool((torch.isneginf(log_Z) & ~torch.isneginf(log_q)).any()):
+            raise ValueError("logp has a prefix of positive probability under q whose allowed continuations "
+                             "all have probability 0: token-level renormalization is undefined there")
+        log_q = log_q + torch.where(torch.isneginf(cond_allowed), cond_allowed, cond_allowed - log_Z)
         log_w = log_w + log_Z
         prev = marg
     return log_q.reshape(P, N), log_w.expand_as(joint).reshape(P, N)
@@ -218,14 +231,15 @@ def log_allowed_mass(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_
     temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
     batch_size = checks.integer("batch_size", batch_size, low=1)
     lm._check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    ids = checks.token_ids("banned_ids", banned_ids)
-    P, out = prompt_ids.shape[1], []
+    c = constraints.as_constraint(banned_ids)
+    P, T, out = prompt_ids.shape[1], completion_ids.shape[1], []
     for s in range(0, prompt_ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
         logits = lm._forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl]).logits
         logits = lm.completion_logits(logits, P).float() / temperature  # [b, T, V]
-        banned = _banned_mask(ids, logits.shape[-1], logits.device)
-        log_Z = torch.logsumexp(logits.masked_fill(banned, float("-inf")), -1) - torch.logsumexp(logits, -1)
+        masks = constraints.iter_banned(c, prompt_ids[sl], completion_ids[sl], logits.shape[-1])  # T x [b, V]
+        log_allowed = [torch.logsumexp(logits[:, t].masked_fill(m, float("-inf")), -1) for t, m in zip(range(T), masks)]
+        log_Z = torch.stack(log_allowed, 1) - torch.logsumexp(logits, -1)  # [b, T], -inf where nothing is allowed
         out.append(torch.where(completion_mask[sl].bool(), log_Z, torch.zeros_like(log_Z)).sum(-1))  # [b]
     return torch.cat(out)
 
@@ -252,8 +266,6 @@ def corrected_sample(model, tokenizer, prompts: Sequence[str], banned_ids, k: in
     Returns:
         :class:`Corrected`.
     """
-    from .resample import select
-
     k = checks.integer("k", k, low=1)
     n = checks.integer("n", n, low=1)
     temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
@@ -263,7 +275,7 @@ def corrected_sample(model, tokenizer, prompts: Sequence[str], banned_ids, k: in
     B = len(prompts)
     log_w = proc.log_allowed_mass(s.completion_mask).view(B, n, k)  # [B*n*k] -> [B, n, k]
     g = torch.Generator(device=log_w.device).manual_seed(0 if seed is None else seed + 1)
-    pick = select(log_w, 1.0, generator=g)  # [B, n]
+    pick = resample_index(log_w, g)  # [B, n]
     rows = (torch.arange(B * n, device=log_w.device).view(B, n) * k + pick).reshape(-1)  # [B*n]
     return Corrected(s.rows(rows, k=n), log_w, effective_sample_size(log_w))
 
@@ -277,6 +289,9 @@ class Rejection(NamedTuple):
 
 def rejection_sample(model, tokenizer, prompts: Sequence[str], banned_ids, k: int = 8,
                      max_new_tokens: int = 16, temperature: float = 1.0, seed: int | None = 0) -> Rejection:
-    r"""Exact ``P(y | no banned token)``: draw k unconstrained samples per prompt, keep the allowed."""
+    r"""Exact ``P(y | no banned token)``: draw k unconstrained samples per prompt, keep the allowed
+    (those whose every real token y_t lies outside B(x, y_<t))."""
+    c = constraints.as_constraint(banned_ids)
     s = lm.sample(model, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    return Rejection(s, ~s.contains(checks.token_ids("banned_ids", banned_ids)))
+    return Rejection(s, ~constraints.violations(c, s.prompt_ids, s.completion_ids, s.completion_mask,
+                                                lm._vocab_size(model)))

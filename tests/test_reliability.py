@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refimpl import checks, grpo, gvpo, idle, kl, lm, metrics, qprobe, report, resample, rl
+from refimpl import bestofn, dpo, klpg, tabular
 from refimpl.rl import RLConfig
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -168,6 +169,22 @@ def _cases():
         (metrics.mean_ci, dict(x=[1.0, 2.0, 3.0])),
         (metrics.auc, dict(scores=torch.tensor([0.1, 0.9, 0.5]), labels=torch.tensor([0, 1, 1]))),
         (idle.exclude_and_renormalize, dict(logits=torch.randn(2, 5), banned_ids=[1])),
+        (bestofn.best_of_n_law, dict(logp=lp, scores=r, n=3)),
+        (bestofn.best_of_n_kl_bound, dict(n=4)),
+        (bestofn.rejection_acceptance, dict(logp_ref=lp, reward=r, beta=0.5, r_max=1.0)),
+        (bestofn.rejection_sample, dict(logp_ref=lp, reward=r, beta=0.5, r_max=1.0, n=5)),
+        (dpo.dpo_loss, dict(logp_chosen=f[0], logp_rejected=f[1], logp_ref_chosen=f[2], logp_ref_rejected=lp[0], beta=0.1)),
+        (dpo.preference_pairs, dict(logp_ref=lp, reward=r, n_pairs=4, label_temperature=0.5)),
+        (dpo.preference_table, dict(logp_ref=lp, reward=r, label_temperature=0.5)),
+        (dpo.pair_table, dict(pairs=dpo.Pairs(torch.tensor([[0, 1]]), torch.tensor([[2, 1]])), n_outcomes=4)),
+        (dpo.dpo_population_loss, dict(logp=lp, logp_ref=lp, reward=r, beta=0.5)),
+        (dpo.train_dpo_tabular, dict(logp_ref=lp, pairs=dpo.preference_table(lp, r), beta=0.5, steps=2, lr=1.0)),
+        (klpg.kl_estimators, dict(logp=lp, logp_ref=f)),
+        (klpg.rloo_advantages, dict(rewards=r)),
+        (klpg.kl_pg_loss, dict(logp=lp, logp_ref=f, rewards=r, beta=0.1, estimator="k3_loss")),
+        (klpg.expected_gradient, dict(logits=f, logp_ref=lp, reward=r, beta=0.1, estimator="k2_loss")),
+        (klpg.forward_kl_optimum, dict(logp_ref=lp, reward=r, beta=0.5)),
+        (klpg.train_klpg_tabular, dict(logp_ref=lp, reward=r, beta=0.5, k=2, steps=2, lr=1.0)),
     ]
 
 
@@ -201,7 +218,7 @@ def test_grad_norm_and_config_values_are_checked():
         grpo.grpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2, 3), torch.rand(1, 2),
                        kl_coef=float("nan"))
     with pytest.raises(ValueError, match="reward"):
-        rl.train_tabular(torch.zeros(2, 3), torch.zeros(2, 4), RLConfig())  # reward wider than the support
+        tabular.train_tabular(torch.zeros(2, 3), torch.zeros(2, 4), RLConfig())  # reward wider than the support
 
 
 def test_arith_reward_rejects_strings_and_wrong_target_shapes():

@@ -1,0 +1,233 @@
+r"""Sequential Monte Carlo (SMC) over tokens, for any causal LM with a KV cache.
+
+Target: a law over completions known up to a constant through per-token factors,
+π(y | x) ∝ Π_t γ_t(y_t | x, y_<t). Each of k particles per prompt draws y_t from a proposal
+q_t(· | x, y_<t) and its log weight grows by the incremental weight
+
+.. math::  \log w \mathrel{+}= \log \gamma_t(y_t) - \log q_t(y_t).
+
+When the effective sample size ESS = (Σ w)² / Σ w² of a prompt's particles drops below
+``ess_threshold · k`` they are resampled (multinomial or systematic) and their weights reset to
+the mean, so the product of mean weights stays an unbiased estimate Ẑ of the normalizing
+constant Z = Σ_y Π_t γ_t (Del Moral 2004; for language models: Lew et al. 2023, arXiv 2306.03081;
+Zhao et al. 2024, twisted SMC, arXiv 2404.17546). ``ess_threshold=0`` never resamples: weighting
+k independent proposals and resampling once at the end is importance resampling, as
+:func:`refimpl.idle.corrected_sample` does; 1 resamples at every step.
+
+A *step* object supplies the factors: ``start(prompt_ids) -> state``, ``step(state, logits) ->``
+:class:`StepLogits` (log q_t and log γ_t over the vocabulary, [N, V]) and ``advance(state, tokens)
+-> state``; states are tensors (or tuples of tensors) with one row per particle, reindexed on
+resampling like the KV cache. :class:`ConstrainedStep` is (G)I-DLE's: q_t = the renormalized
+allowed distribution, γ_t = P_T · 1[allowed], so the increment is log Z_t and π = P_T(y | allowed)
+(Lee 2025, arXiv 2503.18050). A twisted step, γ_t(v) = P(v | y_<t) ψ_t(y_<t v) / ψ_{t-1}(y_<t),
+targets π* ∝ P exp(r / β) when ψ_L = exp(r / β) (see the tests for the exact-world twist).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from . import checks, constraints
+from .sampling import Samples, _context_length, completion_mask, padding_side
+
+__all__ = ["StepLogits", "ConstrainedStep", "SMCResult", "smc", "resample_index", "ancestors"]
+
+
+class StepLogits(NamedTuple):
+    """What a step gives for every particle at one position."""
+
+    log_q: Tensor  # [N, V] proposal log-probabilities (normalized over the vocabulary)
+    log_gamma: Tensor  # [N, V] log target factors γ_t (unnormalized; -inf: no target mass)
+
+
+class ConstrainedStep:
+    r"""(G)I-DLE as an SMC step: log γ_t = log P_T masked to the allowed set, log q_t = log γ_t - log Z_t.
+
+    ``banned_ids``: token ids or a :class:`refimpl.constraints.Constraint`; ``temperature`` T > 0
+    applies to both (P_T = softmax(logits / T)). With nothing banned q = γ = P_T: plain sampling.
+    """
+
+    def __init__(self, banned_ids, temperature: float = 1.0):
+        self.constraint = constraints.as_constraint(banned_ids)
+        self.temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
+
+    def start(self, prompt_ids: Tensor) -> Tensor:
+        return self.constraint.start(prompt_ids)
+
+    def advance(self, state: Tensor, tokens: Tensor) -> Tensor:
+        return self.constraint.advance(state, tokens)
+
+    def __call__(self, state: Tensor, logits: Tensor) -> StepLogits:
+        log_p = torch.log_softmax(logits.float() / self.temperature, -1)  # [N, V]
+        log_gamma = log_p.masked_fill(self.constraint.banned(state, logits.shape[-1], logits.device), float("-inf"))
+        return StepLogits(torch.log_softmax(log_gamma, -1), log_gamma)
+
+
+def _probs(log_w: Tensor) -> Tensor:
+    """w / Σ w over the last dim, with -inf weights (0) allowed; a row of zeros raises."""
+    if bool(torch.isneginf(log_w).all(-1).any()):
+        raise ValueError("log_w has a group whose weights are all 0 (-inf): there is nothing to resample")
+    checks.finite("log_w", log_w, allow_neg_inf=True)
+    return torch.softmax(log_w.float() - log_w.float().amax(-1, keepdim=True), -1)
+
+
+def resample_index(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """[...] one index I ~ w_I / Σ_i w_i per row of ``log_w`` [..., k] (a weight of 0 is never chosen)."""
+    p = _probs(checks.tensor("log_w", log_w, min_dims=1, floating=True))
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
+
+
+def ancestors(log_w: Tensor, scheme: str = "systematic", generator: torch.Generator | None = None) -> Tensor:
+    r"""[B, k] ancestor indices of k new particles per row of ``log_w`` [B, k], E[#copies of i] = k W_i.
+
+    ``multinomial``: k i.i.d. draws; ``systematic``: one uniform U, the points (U + j) / k.
+    """
+    checks.choice("scheme", scheme, ("multinomial", "systematic"))
+    p = _probs(checks.tensor("log_w", log_w, dims=2, floating=True))  # [B, k]
+    B, k = p.shape
+    if scheme == "multinomial":
+        return torch.multinomial(p, k, replacement=True, generator=generator)
+    u = (torch.rand(B, 1, generator=generator, device=p.device) + torch.arange(k, device=p.device)) / k  # [B, k]
+    c = p.cumsum(-1)
+    return torch.searchsorted(c / c[:, -1:], u, right=True).clamp(max=k - 1)
+
+
+@dataclass
+class SMCResult:
+    """The final particle system of :func:`smc` (k particles per prompt, prompt-major)."""
+
+    samples: Samples  # B·k particles (completions right-padded, stop token included)
+    log_w: Tensor  # [B, k] final log weights (their self-normalized weights estimate the target)
+    log_z: Tensor  # [B] log Ẑ, unbiased estimate of Z (for a ban: P_T(allowed))
+    logp: Tensor  # [B*k] log P(y | x) of each particle under the model (temperature 1)
+    logq: Tensor  # [B*k] Σ_t log q_t(y_t) along each particle's path
+    ess: Tensor  # [B, steps] ESS after weighting at each step (before any resampling)
+    resampled: Tensor  # [B, steps] bool: the prompt's particles were resampled at that step
+
+    @property
+    def n_resamples(self) -> Tensor:
+        """[B] number of resampling events per prompt."""
+        return self.resampled.sum(-1)
+
+    def draw(self, n: int = 1, seed: int | None = 0) -> Samples:
+        """n completions per prompt drawn from the weighted particles (the final resampling)."""
+        n = checks.integer("n", n, low=1)
+        B, k = self.log_w.shape
+        g = torch.Generator(device=self.log_w.device).manual_seed(0 if seed is None else seed)
+        pick = resample_index(self.log_w[:, None, :].expand(B, n, k), g)  # [B, n]
+        return self.samples.rows((torch.arange(B, device=pick.device)[:, None] * k + pick).reshape(-1), k=n)
+
+
+def _take(state, index: Tensor):
+    """Rows ``index`` of a state: a tensor, or a (nested) tuple / list of tensors."""
+    if isinstance(state, Tensor):
+        return state[index.to(state.device)]
+    return type(state)(_take(s, index) for s in state)
+
+
+@torch.no_grad()
+def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_tokens: int = 16,
+        ess_threshold: float = 0.5, resampling: str = "systematic", seed: int | None = 0) -> SMCResult:
+    r"""Run SMC with k particles per prompt (KV cache on, reordered on resampling).
+
+    Args:
+        prompts: B prompt texts.
+        step: the factors (see the module docstring), e.g. :class:`ConstrainedStep`.
+        k: particles per prompt.
+        ess_threshold: resample a prompt's particles when ESS < ess_threshold · k (0: never;
+            1: at every step).
+        resampling: ``"systematic"`` or ``"multinomial"``.
+        seed: seeds the global RNG inside (restored afterwards); the draws of y_t consume it as
+            ``generate`` does, so with nothing banned and no resampling the particles are
+            ``lm.sample``'s completions for the same seed (one generate call: batch_size >= B·k).
+
+    Returns:
+        :class:`SMCResult`. Completions stop at the model's stop token; later positions are
+        padding and no longer change the weights.
+    """
+    prompts = checks.strings("prompts", prompts)
+    k = checks.integer("k", k, low=1)
+    max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
+    ess_threshold = checks.real("ess_threshold", ess_threshold, low=0.0, high=1.0)
+    checks.choice("resampling", resampling, ("multinomial", "systematic"))
+    if seed is not None:
+        seed = checks.integer("seed", seed)
+    if not all(callable(getattr(step, m, None)) for m in ("start", "advance", "__call__")):
+        raise TypeError(f"step must have start(prompt_ids), advance(state, tokens) and __call__(state, logits), "
+                        f"got {type(step).__name__}")
+    device = next(model.parameters()).device
+    gen = model.generation_config
+    eos = torch.tensor(checks.token_ids("eos_token_id", [] if gen.eos_token_id is None else
+                                        torch.as_tensor(gen.eos_token_id).reshape(-1)), device=device, dtype=torch.long)
+    pad = next((p for p in (gen.pad_token_id, tokenizer.pad_token_id, *eos.tolist()) if p is not None), 0)
+    with padding_side(tokenizer, "left"):
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    n_ctx = _context_length(model)
+    if n_ctx is not None and enc["input_ids"].shape[1] + max_new_tokens > n_ctx:
+        raise ValueError(f"the longest prompt ({enc['input_ids'].shape[1]} tokens) plus max_new_tokens="
+                         f"{max_new_tokens} exceeds the model's context of {n_ctx}")
+    if bool((enc["attention_mask"].sum(1) == 0).any()):
+        raise ValueError("prompts must not tokenize to nothing")
+    B, N = len(prompts), len(prompts) * k
+    ids, attn = enc["input_ids"].repeat_interleave(k, 0), enc["attention_mask"].repeat_interleave(k, 0)  # [N, P]
+    state, tokens = step.start(ids), ids.new_zeros(N, 0)
+    log_w, logp, logq = (torch.zeros(N, device=device) for _ in range(3))
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    ess_trace, resampled = [], []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        for t in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # [N, V]
+            log_q, log_gamma = step(state, logits)
+            if bool((torch.isneginf(log_gamma).all(-1) & ~finished).any()):
+                raise ValueError(f"at step {t} a particle has no token with positive target mass "
+                                 "(everything is banned)")
+            safe = torch.where(finished[:, None], torch.zeros_like(log_q), log_q)  # finished rows: any draw
+            y = torch.multinomial(torch.softmax(safe, -1), 1).squeeze(1)  # [N]
+            y = torch.where(finished, torch.full_like(y, pad), y)
+            live, col = ~finished, y[:, None]
+            inc = log_gamma.gather(1, col).squeeze(1) - log_q.gather(1, col).squeeze(1)
+            log_w = log_w + torch.where(live, inc, torch.zeros_like(inc))
+            lp = torch.log_softmax(logits, -1).gather(1, col).squeeze(1)
+            logp = logp + torch.where(live, lp, torch.zeros_like(lp))
+            lq = log_q.gather(1, col).squeeze(1)
+            logq = logq + torch.where(live, lq, torch.zeros_like(lq))
+            state, tokens = step.advance(state, y), torch.cat([tokens, y[:, None]], 1)
+            finished = finished | torch.isin(y, eos)
+            if bool(torch.isneginf(log_w.view(B, k)).all(-1).any()):
+                raise ValueError(f"at step {t} every particle of a prompt has weight 0: the proposal q_t puts "
+                                 "mass where the target γ_t has none")
+            ess = torch.exp(2 * torch.logsumexp(log_w.view(B, k), -1) - torch.logsumexp(2 * log_w.view(B, k), -1))
+            need = torch.ones_like(ess, dtype=torch.bool) if ess_threshold == 1 else ess < ess_threshold * k
+            ess_trace.append(ess)
+            resampled.append(need)
+            if bool(need.any()):
+                anc = ancestors(log_w.view(B, k), resampling)  # [B, k]
+                anc = torch.where(need[:, None], anc, torch.arange(k, device=device).expand(B, k))
+                index = (torch.arange(B, device=device)[:, None] * k + anc).reshape(-1)  # [N]
+                mean = (torch.logsumexp(log_w.view(B, k), -1) - math.log(k))[:, None].expand(B, k)
+                log_w = torch.where(need[:, None], mean, log_w.view(B, k)).reshape(-1)
+                state, tokens, logp, logq, finished = _take((state, tokens, logp, logq, finished), index)
+                out.cache.reorder_cache(index)
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, attn.new_ones(N, 1)], 1)
+            out = model(input_ids=tokens[:, -1:], attention_mask=attn, position_ids=attn.sum(1, keepdim=True) - 1,
+                        cache=out.cache, use_cache=True)
+    cmask = completion_mask(tokens, eos.tolist() or None)
+    stops = set(eos.tolist())
+    texts = tokenizer.batch_decode([[a for a, m in zip(r, mr) if m and a not in stops] for r, mr in
+                                    zip(tokens.tolist(), cmask.tolist())], skip_special_tokens=True)
+    samples = Samples(ids, enc["attention_mask"].repeat_interleave(k, 0), tokens, cmask, texts,
+                      torch.arange(B, device=device).repeat_interleave(k), k)
+    lw = log_w.view(B, k)
+    return SMCResult(samples, lw, torch.logsumexp(lw, -1) - math.log(k), logp, logq, torch.stack(ess_trace, 1),
+                     torch.stack(resampled, 1))

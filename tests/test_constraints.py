@@ -1,0 +1,300 @@
+"""refimpl.constraints: bad words against transformers, automata against brute force, the UTF-8
+script ban against Python's decoder, and the real-model recipe on a random Qwen2 with a byte-level BPE."""
+import codecs
+import copy
+import functools
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import NoBadWordsLogitsProcessor
+
+from refimpl import constraints as C
+from refimpl import idle, lm
+
+torch.set_num_threads(1)
+
+
+def _cjk(cp: int) -> bool:
+    return any(a <= cp <= b for a, b in C.CJK_IDEOGRAPHS)
+
+
+def _has_cjk(text: str) -> bool:
+    return any(_cjk(ord(c)) for c in text)
+
+
+# --- bad words -----------------------------------------------------------------------------------
+
+def _brute_bad_words(ctx, words):
+    """Tokens banned after the context ctx: last tokens of words whose other tokens end ctx."""
+    return {w[-1] for w in words if len(w) == 1 or list(ctx[len(ctx) - len(w) + 1:]) == list(w[:-1])}
+
+
+def test_bad_words_masks_match_brute_force_and_transformers():
+    g = torch.Generator().manual_seed(0)
+    words = [[5], [13, 6], [14, 15, 16], [13, 13, 13, 6], [10], [13, 10]]
+    ids = torch.randint(13, 17, (256, 7), generator=g)
+    bw = C.BadWords(words)
+    state = bw.start(ids[:, :3])
+    for t in range(3, 7):  # advance token by token = start on the longer context
+        state = bw.advance(state, ids[:, t])
+    mask = bw.banned(state, 20, "cpu")
+    assert torch.equal(mask, bw.banned(bw.start(ids), 20, "cpu"))
+    for i in range(256):
+        assert set(mask[i].nonzero().flatten().tolist()) == _brute_bad_words(ids[i].tolist(), words)
+    # transformers agrees except on the single-token ban of the stop token 10, which it drops;
+    # a multi-token word ending in the stop token ([13, 10]) it keeps
+    ref = torch.isneginf(NoBadWordsLogitsProcessor(words, eos_token_id=10)(ids, torch.randn(256, 20, generator=g)))
+    keep = torch.arange(20) != 10
+    assert torch.equal(ref[:, keep], mask[:, keep])
+    assert mask[:, 10].all() and torch.equal(ref[:, 10], ids[:, -1] == 13) and 0 < int(ref[:, 10].sum()) < 256
+
+
+def test_bad_words_generate_identical_to_transformers(arith_model):
+    model, tok = arith_model
+    bad = [[tok.convert_tokens_to_ids(w) for w in ws.split()] for ws in ["+", "- 1", "* 2 ;"]]
+    prompts, eos = ["17 =", "40 ="], model.generation_config.eos_token_id
+    kw = dict(k=100, max_new_tokens=8, seed=3)
+    ours = lm.sample(model, tok, prompts, logits_processor=[idle.IDLELogitsProcessor(C.BadWords(bad))], **kw)
+    theirs = lm.sample(model, tok, prompts, logits_processor=[NoBadWordsLogitsProcessor(bad, eos)], **kw)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    V = len(tok)
+    assert not C.violations(C.BadWords(bad), ours.prompt_ids, ours.completion_ids, ours.completion_mask, V).any()
+    free = lm.sample(model, tok, prompts, **kw)
+    assert C.violations(C.BadWords(bad), free.prompt_ids, free.completion_ids, free.completion_mask, V).float().mean() > 0.3
+
+
+def test_stop_token_ban_kept_where_transformers_drops_it(arith_model):
+    model, tok = arith_model
+    eos = model.generation_config.eos_token_id
+    scores = torch.randn(3, len(tok))
+    ids = torch.tensor([[1, 30, 4]] * 3)
+    assert torch.equal(NoBadWordsLogitsProcessor([[eos]], eos_token_id=eos)(ids, scores), scores)  # silently dropped
+    ours = idle.IDLELogitsProcessor(C.BadWords([[eos]]))(ids, scores)
+    assert torch.isneginf(ours[:, eos]).all()
+    kw = dict(k=32, max_new_tokens=6, seed=0)
+    theirs = lm.sample(model, tok, ["17 ="], logits_processor=[NoBadWordsLogitsProcessor([[eos]], eos)], **kw)
+    ours = lm.sample(model, tok, ["17 ="], logits_processor=[idle.IDLELogitsProcessor(C.BadWords([[eos]]))], **kw)
+    assert (theirs.completion_ids == eos).any() and not (ours.completion_ids == eos).any()
+    assert (ours.completion_mask.sum(1) == 6).all()
+
+
+# --- automata ------------------------------------------------------------------------------------
+
+def _no_b_after_a(state, byte):
+    """'b' may not follow 'a' (a character-level rule, run over bytes)."""
+    return None if state == ord("a") and byte == ord("b") else byte
+
+
+def test_automaton_exact_world_against_brute_force(exact_world):
+    w = exact_world
+    rule = C.Automaton(_no_b_after_a, 0, C.token_bytes(w.tokenizer))
+    ids, _ = w.prompt_batch()
+    P, N = len(w.prompts), len(w.completions)
+    pids, comp = ids.repeat_interleave(N, 0), w.completion_ids.repeat(P, 1)
+    ones = torch.ones_like(comp)
+    bad = C.violations(rule, pids, comp, ones, 5)
+    # <pad> (special) has no bytes: "a<pad>b" decodes to "ab"; the prompt is not read
+    assert torch.equal(bad, torch.tensor(["ab" in c.replace("_", "") for c in w.completions] * P))
+    # exact q(y) = P(y) / w(y) on allowed y sums to one; the processor in generate samples it
+    logp = w.logp().detach()
+    log_w = idle.log_allowed_mass(w.model, pids, torch.ones_like(pids), comp, ones, rule).view(P, N)
+    log_q = (logp - log_w).masked_fill(bad.view(P, N), float("-inf"))
+    assert torch.allclose(log_q.exp().sum(-1), torch.ones(P), atol=1e-5)
+    s = lm.sample(w.model, w.tokenizer, [w.prompts[6]], k=4000, max_new_tokens=3,
+                  logits_processor=[idle.IDLELogitsProcessor(rule)], seed=0)
+    freq = torch.bincount(w.completion_index(s.completion_ids), minlength=N).float() / 4000
+    assert freq[bad[:N]].sum() == 0 and 0.5 * (freq - log_q[6].exp()).abs().sum() < 0.05
+
+
+def _bytewise_table(rule, token_bytes, s):
+    """Next state of every token from state s, by running the byte-level step token by token."""
+    out = []
+    for b in token_bytes:
+        st = rule._states[s]
+        for byte in (b or b""):
+            st = None if st is None else rule.step(st, byte)
+        out.append(-1 if st is None else rule._ids.get(st, -2))
+    return out
+
+
+# --- UTF-8 script ban ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _completions(p: bytes) -> tuple[bool, bool]:
+    """Brute force over the well-formed completions of the partial character p: (any exist, all are CJK)."""
+    found = False
+    for b in range(0x80, 0xC0):
+        try:
+            sub = (True, _cjk(ord((p + bytes([b])).decode())))
+        except UnicodeDecodeError as e:
+            sub = _completions(p + bytes([b])) if e.reason == "unexpected end of data" else (False, True)
+        if sub == (True, False):
+            return True, False
+        found = found or sub[0]
+    return found, True
+
+
+def _oracle(pending: bytes, data: bytes):
+    """(dies, pending after) for bytes fed after a pending partial character, by Python's decoder.
+
+    CPython's incremental decoder also buffers prefixes with no well-formed completion (ED A0, a
+    surrogate); they decode to U+FFFD whatever follows, so they count as no pending character."""
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    dec.decode(pending)
+    held = dec.getstate()[0]
+    for b in data:
+        text, held = dec.decode(bytes([b])), dec.getstate()[0]
+        if _has_cjk(text) or (held and all(_completions(held))):
+            return True, None
+    return False, held if held and _completions(held)[0] else b""
+
+
+def test_utf8_step_matches_python_decoder():
+    step = C.Utf8Ban(C.CJK_IDEOGRAPHS)
+    rng = random.Random(0)
+    pendings = [b""] + [bytes([b]) for b in range(0xC2, 0xF5)]
+    pendings += [p for p in (bytes([rng.randrange(0xE0, 0xF5), rng.randrange(0x80, 0xC0)]) for _ in range(400))
+                 if not _oracle(b"", p)[0] and _oracle(b"", p)[1] == p][:150]
+    for p in pendings:
+        for b in range(256):
+            dies, after = _oracle(p, bytes([b]))
+            got = step(tuple(p), b)
+            assert (got is None) == dies, (p, b)
+            assert dies or got == tuple(after), (p, b, got, after)
+    assert step((), 0xE5) is None and step((), 0xE4) == (0xE4,)  # U+5000.. all banned; U+4000.. not all
+    assert step((0xE4,), 0xB8) is None and step((), ord("A")) == ()
+    assert C.Utf8Ban([(0x41, 0x41)])((), ord("A")) is None  # a banned ASCII letter
+    assert C.Utf8Ban([(0xFFFD, 0xFFFD)])((), 0x80) is None  # a stray byte decodes to U+FFFD
+
+
+TEXT = ["안녕하세요, 오늘 날씨가 정말 좋네요. 한국어로 답변해 주세요.",
+        "我们今天去北京吃饭。中文字符不应该出现在韩国语的回答里。",
+        "Hello world, this is English text with numbers 123 and 456.",
+        "서울은 한국의 수도입니다. 北京是中国的首都。 Tokyo is the capital of Japan.",
+        "감사합니다! 谢谢！ Thank you! 😀 𠀋 emoji and a rare ideograph."] * 3
+
+
+@pytest.fixture(scope="module")
+def qwen_like():
+    """A byte-level BPE trained on the fly (ByteLevel pre-tokenizer and decoder, as Qwen2's) and a
+    random 2-layer Qwen2ForCausalLM with peaked next-token distributions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      special_tokens=["<|endoftext|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    eos = tok.eos_token_id
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         eos_token_id=eos, pad_token_id=eos, bos_token_id=None)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # peaked distributions, so that min_p and friends would matter
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, eos
+    return model, tok
+
+
+def test_token_bytes_and_tables(qwen_like):
+    _, tok = qwen_like
+    tb = C.token_bytes(tok)
+    assert tb[tok.eos_token_id] is None
+    for i, b in enumerate(tb):  # each token decodes to its bytes (as a lone token)
+        assert b is None or b.decode("utf-8", "replace") == tok.decode([i])
+    ban = C.script_ban(tok)
+    assert ban.table(ban.initial).tolist() == _bytewise_table(ban, tb, ban.initial)
+    state = ban.start(torch.zeros(1, 1, dtype=torch.long))
+    partial = next(i for i, b in enumerate(tb) if b and _oracle(b"", b) == (False, b[-1:]) and b[-1] >= 0xE0)
+    state = ban.advance(state, torch.tensor([partial]))  # a token ending in a lead byte
+    s = int(state)
+    assert s != ban.initial and ban.table(s).tolist() == _bytewise_table(ban, tb, s)
+
+
+def test_script_ban_against_decoder_on_token_sequences(qwen_like):
+    _, tok = qwen_like
+    tb, ban = C.token_bytes(tok), C.script_ban(tok)
+    rng, seen = random.Random(1), set()
+    for _ in range(40):
+        state, pending = ban.start(torch.zeros(1, 1, dtype=torch.long)), b""
+        for _ in range(6):
+            mask = ban.banned(state, len(tok), "cpu")[0]
+            for v in range(len(tok)):
+                assert bool(mask[v]) == _oracle(pending, tb[v] or b"")[0], (pending, tb[v])
+            allowed = (~mask).nonzero().flatten().tolist()
+            v = rng.choice([a for a in allowed if tb[a] and tb[a][-1] >= 0x80] or allowed)  # favour partial chars
+            pending = _oracle(pending, tb[v] or b"")[1]
+            seen.add(pending)
+            state = ban.advance(state, torch.tensor([v]))
+    assert len(seen) >= 10  # many pending partial characters were visited
+
+
+def test_real_model_recipe_no_cjk(qwen_like):
+    model, tok = qwen_like
+    prompts, kw = ["한국어로 답변해 주세요:", "Answer in Korean:"], dict(k=32, max_new_tokens=24, seed=0)
+    ban = C.script_ban(tok, C.CJK_IDEOGRAPHS)
+    free = lm.sample(model, tok, prompts, **kw)
+    assert sum(map(_has_cjk, free.texts)) > 5  # without the ban, Chinese characters appear
+    s = lm.sample(model, tok, prompts, logits_processor=[idle.IDLELogitsProcessor(ban)], **kw)
+    assert not any(map(_has_cjk, s.texts))
+    assert sum(any(0xAC00 <= ord(c) <= 0xD7A3 for c in t) for t in s.texts) > 5  # Hangul is still written
+    c = idle.corrected_sample(model, tok, prompts, ban, k=4, n=3, max_new_tokens=24, seed=0)
+    assert len(c.samples) == 6 and not any(map(_has_cjk, c.samples.texts))
+    assert torch.isfinite(c.log_w).all() and (c.log_w <= 1e-6).all() and (c.ess >= 1 - 1e-4).all()
+    r = idle.rejection_sample(model, tok, prompts, ban, k=32, max_new_tokens=24, seed=0)
+    tb = C.token_bytes(tok)
+    dies = [_oracle(b"", b"".join(tb[i] or b"" for i, m in zip(row, mrow) if m))[0]
+            for row, mrow in zip(r.samples.completion_ids.tolist(), r.samples.completion_mask.tolist())]
+    assert r.accepted.tolist() == [not d for d in dies] and 0 < sum(dies) < len(dies)
+    assert not any(_has_cjk(t) for t, a in zip(r.samples.texts, r.accepted) if a)
+
+
+def test_inherited_generation_config_is_neutralized(qwen_like):
+    model, tok = qwen_like
+    other = copy.deepcopy(model)
+    other.generation_config.repetition_penalty = 1.3
+    other.generation_config.no_repeat_ngram_size = 2
+    other.generation_config.min_p = 0.1
+    ban, kw = C.script_ban(tok), dict(k=16, max_new_tokens=16, seed=0)
+    a = lm.sample(model, tok, ["한국어로:"], logits_processor=[idle.IDLELogitsProcessor(ban)], **kw)
+    b = lm.sample(other, tok, ["한국어로:"], logits_processor=[idle.IDLELogitsProcessor(ban)], **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    enc = tok(["한국어로:"] * 16, return_tensors="pt")  # plain generate does apply them
+    outs = []
+    for m in (model, other):
+        torch.manual_seed(0)
+        outs.append(m.generate(**enc, do_sample=True, max_new_tokens=16))
+    assert outs[0].shape != outs[1].shape or not torch.equal(outs[0], outs[1])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="bad_words"):
+        C.BadWords([])
+    with pytest.raises(TypeError, match="bad_words"):
+        C.BadWords("ab")
+    with pytest.raises(TypeError, match=r"bad_words\[1\]"):
+        C.BadWords([[1], []])
+    with pytest.raises(ValueError, match=r"bad_words\[0\]"):
+        C.BadWords([[1, -2]])
+    with pytest.raises(TypeError, match=r"bad_words\[0\]"):
+        C.BadWords([[1.5]])
+    assert C.BadWords([[np.int64(3), np.int32(4)]]).words == ((3, 4),)  # NumPy ints are ints
+    with pytest.raises(ValueError, match="bad_words"):
+        C.BadWords([[7]]).banned(torch.zeros(1, 0, dtype=torch.long), 5, "cpu")  # out of the vocabulary
+    with pytest.raises(TypeError, match="step"):
+        C.Automaton(3, 0, [b"a"])
+    with pytest.raises(TypeError, match="token_bytes"):
+        C.Automaton(_no_b_after_a, 0, ["a"])
+    with pytest.raises(ValueError, match="ranges"):
+        C.Utf8Ban([(0x9FFF, 0x4E00)])
+    with pytest.raises(ValueError, match="ranges"):
+        C.Utf8Ban([(0, 0x110000)])
+    with pytest.raises(TypeError, match="input_ids"):
+        idle.IDLELogitsProcessor(C.BadWords([[1, 2]]))(None, torch.randn(2, 5))
+    with pytest.raises(TypeError, match="banned_ids"):
+        C.as_constraint("abc")

@@ -1,0 +1,183 @@
+"""refimpl.smc: the law of the output against the exact answer, plain sampling as the unweighted case,
+the KV cache under resampling, resampling schemes, a twisted SMC with the exact twist, and long
+completions (SMC against one-shot importance resampling)."""
+import pytest
+import torch
+
+from refimpl import idle, kl, lm, smc
+from refimpl import constraints as C
+
+torch.set_num_threads(1)
+
+
+def _law(world, r: smc.SMCResult) -> torch.Tensor:
+    """[B, 125] the weighted empirical law of the particles of each prompt."""
+    B, k = r.log_w.shape
+    idx = world.completion_index(r.samples.completion_ids).view(B, k)
+    return torch.zeros(B, len(world.completions)).scatter_add_(1, idx, torch.softmax(r.log_w, -1))
+
+
+def test_law_matches_constrained_target_and_rejection(exact_world):
+    """Banning 'd': the weighted particles approach P(y | allowed) and log Ẑ approaches log P(allowed)."""
+    w, ban, k = exact_world, [4], 3000
+    logp = w.logp().detach()[:3]
+    allowed = ~torch.isin(w.completion_ids, torch.tensor(ban)).any(-1)
+    log_pa = torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), -1)  # [3]
+    pstar = (logp - log_pa[:, None]).exp() * allowed  # P(y | allowed)
+    r = smc.smc(w.model, w.tokenizer, w.prompts[:3], smc.ConstrainedStep(ban), k=k, max_new_tokens=3,
+                ess_threshold=1.0, resampling="systematic", seed=0)  # resample at every step
+    assert (r.n_resamples == 3).all() and not r.samples.contains(ban).any()
+    tv_smc = 0.5 * (_law(w, r) - pstar).abs().sum(-1)
+    rej = idle.rejection_sample(w.model, w.tokenizer, w.prompts[:3], ban, k=k, max_new_tokens=3, seed=0)
+    idx = w.completion_index(rej.samples.completion_ids).view(3, k)
+    acc = rej.accepted.view(3, k).float()
+    emp = torch.zeros(3, 125).scatter_add_(1, idx, acc) / acc.sum(-1, keepdim=True)
+    tv_rej = 0.5 * (emp - pstar).abs().sum(-1)
+    assert (tv_smc < 0.05).all() and (tv_rej < 0.15).all()  # rejection keeps only ~30% of its draws
+    assert torch.allclose(r.log_z, log_pa, atol=0.05)
+    # the final resampling draws from the weighted particles
+    d = r.draw(n=2000, seed=1)
+    freq = torch.zeros(3, 125).scatter_add_(1, w.completion_index(d.completion_ids).view(3, 2000), torch.ones(3, 2000))
+    assert (0.5 * (freq / 2000 - pstar).abs().sum(-1) < 0.08).all()
+
+
+def test_nothing_banned_is_plain_sampling(exact_world):
+    w, k = exact_world, 500
+    r = smc.smc(w.model, w.tokenizer, w.prompts[:4], smc.ConstrainedStep([]), k=k, max_new_tokens=3, seed=0)
+    s = lm.sample(w.model, w.tokenizer, w.prompts[:4], k=k, max_new_tokens=3, seed=0, batch_size=4 * k)
+    assert torch.equal(r.samples.completion_ids, s.completion_ids)  # the same draws, seed for seed
+    assert r.log_w.abs().max() < 1e-5 and r.log_z.abs().max() < 1e-5
+    assert (r.n_resamples == 0).all() and torch.allclose(r.ess, torch.full_like(r.ess, k))
+    assert torch.allclose(r.logq, r.logp, atol=1e-5)
+
+
+def test_cache_reordered_on_resampling(arith_model):
+    """Multinomial resampling at every step shuffles the particles; the log-probs accumulated with
+    the KV cache equal those recomputed from scratch, and log q = log P - log w."""
+    model, tok = arith_model
+    ban = [tok.convert_tokens_to_ids("+")]
+    r = smc.smc(model, tok, ["17 =", "40 =", "5 ="], smc.ConstrainedStep(ban), k=16, max_new_tokens=10,
+                ess_threshold=1.0, resampling="multinomial", seed=0)
+    s = r.samples
+    assert (r.n_resamples == r.ess.shape[1]).all() and r.ess.shape[1] >= 3
+    assert (s.completion_mask.sum(1) < 10).any()  # some particles stopped (';') and were padded
+    logp, _ = lm.sequence_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)
+    torch.testing.assert_close(r.logp, logp.detach(), atol=1e-4, rtol=0)
+    log_w = idle.log_allowed_mass(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, ban)
+    torch.testing.assert_close(r.logq, logp.detach() - log_w, atol=1e-4, rtol=0)
+    assert not s.contains(ban).any()
+    # the last resampling reset every weight to the group's mean: log Ẑ = that mean
+    torch.testing.assert_close(r.log_w, r.log_z[:, None].expand_as(r.log_w))
+
+
+def test_resampling_schemes_unbiased():
+    log_w = torch.log(torch.tensor([[0.0, 0.1, 0.2, 0.7], [0.25, 0.25, 0.25, 0.25]]))
+    torch.manual_seed(0)
+    for scheme in ("multinomial", "systematic"):
+        counts = torch.zeros(2, 4)
+        for _ in range(2000):
+            a = smc.ancestors(log_w, scheme)
+            counts += torch.nn.functional.one_hot(a, 4).sum(1)
+        assert counts[0, 0] == 0  # a weight of zero is never copied
+        assert torch.allclose(counts / 2000, 4 * log_w.exp(), atol=0.06)  # E[copies of i] = k W_i
+    a = smc.ancestors(log_w, "systematic")  # systematic: copies within 1 of k W_i
+    copies = torch.nn.functional.one_hot(a, 4).sum(1)
+    assert ((copies - 4 * log_w.exp()).abs() < 1).all()
+    assert smc.resample_index(torch.tensor([[0.0, float("-inf")]] * 50)).eq(0).all()
+
+
+def _exact_twist(world, reward, beta):
+    """log psi_t(y_<=t) = log E_P[exp(r / beta) | y_<=t] for t = 0..3, by enumeration: [16, 5^t] each."""
+    logp = world.logp().detach().view(16, 5, 5, 5)
+    a = logp + (reward / beta).view(16, 5, 5, 5)
+    out = [torch.logsumexp(a, (1, 2, 3)).view(16, 1)]
+    for t, dims in ((1, (2, 3)), (2, (3,))):
+        out.append((torch.logsumexp(a, dims) - torch.logsumexp(logp, dims)).reshape(16, 5 ** t))
+    return out + [(reward / beta).view(16, 125)]
+
+
+class TwistedStep:
+    """gamma_t(v) = P(v | y_<t) psi_t(y_<t v) / psi_{t-1}(y_<t), proposal q_t ∝ P psi_t (locally optimal).
+    State [N, 3]: (prompt index, t, base-5 code of the prefix)."""
+
+    def __init__(self, log_psi):
+        self.log_psi = log_psi
+
+    def start(self, prompt_ids):
+        p = (prompt_ids[:, -2] - 1) * 4 + (prompt_ids[:, -1] - 1)  # prompts are two letters a..d
+        return torch.stack([p, torch.zeros_like(p), torch.zeros_like(p)], 1)
+
+    def advance(self, state, tokens):
+        return torch.stack([state[:, 0], state[:, 1] + 1, state[:, 2] * 5 + tokens], 1)
+
+    def __call__(self, state, logits):
+        p, t, code = state.unbind(1)
+        t0 = int(t[0])
+        nxt = self.log_psi[t0 + 1][p[:, None], code[:, None] * 5 + torch.arange(5)]  # [N, 5]
+        log_p = torch.log_softmax(logits.float(), -1)
+        return smc.StepLogits(torch.log_softmax(log_p + nxt, -1),
+                              log_p + nxt - self.log_psi[t0][p, code][:, None])
+
+
+def test_twisted_smc_with_exact_twist_samples_the_optimum(exact_world):
+    w, beta, k = exact_world, 0.25, 2000
+    log_psi = _exact_twist(w, w.reward, beta)
+    logp = w.logp().detach()
+    log_pi = kl.optimal_policy(logp, w.reward, beta)  # [16, 125]
+    r = smc.smc(w.model, w.tokenizer, w.prompts[:2], TwistedStep(log_psi), k=k, max_new_tokens=3, seed=0)
+    assert r.log_w.abs().max() < 1e-4 and (r.n_resamples == 0).all()  # constant weights: ESS = k
+    assert torch.allclose(r.ess, torch.full_like(r.ess, k))
+    # gamma_1 divides by psi_0 = E_P[exp(r / beta)], so Ẑ estimates Z / psi_0 = 1, here exactly
+    assert r.log_z.abs().max() < 1e-4
+    idx = w.completion_index(r.samples.completion_ids).view(2, k)
+    torch.testing.assert_close(r.logq.view(2, k), log_pi[:2].gather(1, idx), atol=1e-4, rtol=0)  # q = pi*
+    freq = torch.zeros(2, 125).scatter_add_(1, idx, torch.ones(2, k)) / k
+    assert (kl.total_variation(freq, log_pi[:2].exp()) < 0.08).all()
+
+
+def test_long_completions_smc_beats_one_shot_resampling(exact_world):
+    """12 tokens with 'd' banned (P(allowed) ~ 0.3%): 32 independent runs of k = 32 particles.
+    One-shot importance resampling (ess_threshold=0) ends with a few effective particles; SMC
+    resamples ~3 times and keeps ~20, and estimates E[#a / 12 | allowed] with a smaller error."""
+    w, ban, L, x = exact_world, [4], 12, "aa"
+    ref = smc.smc(w.model, w.tokenizer, [x], smc.ConstrainedStep(ban), k=8000, max_new_tokens=L, seed=123)
+    frac_a = lambda r: (r.samples.completion_ids == 1).float().mean(1).view(r.log_w.shape)  # noqa: E731
+    f_ref = (torch.softmax(ref.log_w, -1) * frac_a(ref)).sum()
+    out = {}
+    for thr in (0.0, 0.5):
+        r = smc.smc(w.model, w.tokenizer, [x] * 32, smc.ConstrainedStep(ban), k=32, max_new_tokens=L,
+                    ess_threshold=thr, seed=0)
+        est = (torch.softmax(r.log_w, -1) * frac_a(r)).sum(-1)  # [32] self-normalized estimates
+        out[thr] = (r.ess[:, -1].mean(), ((est - f_ref) ** 2).mean().sqrt(), r.n_resamples.float().mean())
+    (ess_is, rmse_is, n_is), (ess_smc, rmse_smc, n_smc) = out[0.0], out[0.5]
+    assert n_is == 0 and n_smc >= 1
+    assert ess_smc > 3 * ess_is and rmse_smc < 0.85 * rmse_is
+
+
+def test_bad_input(exact_world):
+    w = exact_world
+    step = smc.ConstrainedStep([4])
+    with pytest.raises(TypeError, match="prompts"):
+        smc.smc(w.model, w.tokenizer, "ab", step)
+    with pytest.raises(ValueError, match="k"):
+        smc.smc(w.model, w.tokenizer, ["ab"], step, k=0)
+    with pytest.raises(ValueError, match="ess_threshold"):
+        smc.smc(w.model, w.tokenizer, ["ab"], step, ess_threshold=1.5)
+    with pytest.raises(ValueError, match="resampling"):
+        smc.smc(w.model, w.tokenizer, ["ab"], step, resampling="stratified")
+    with pytest.raises(TypeError, match="step"):
+        smc.smc(w.model, w.tokenizer, ["ab"], object())
+    with pytest.raises(ValueError, match="context"):
+        smc.smc(w.model, w.tokenizer, ["ab"], step, max_new_tokens=20)
+    with pytest.raises(ValueError, match="temperature"):
+        smc.ConstrainedStep([4], temperature=0.0)
+    with pytest.raises(ValueError, match="everything is banned"):
+        smc.smc(w.model, w.tokenizer, ["ab"], smc.ConstrainedStep([0, 1, 2, 3, 4]), k=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="log_w"):
+        smc.resample_index(torch.full((2, 3), float("-inf")))
+    with pytest.raises(ValueError, match="log_w"):
+        smc.ancestors(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="scheme"):
+        smc.ancestors(torch.zeros(1, 3), "residual")
+    with pytest.raises(ValueError, match="n"):
+        smc.smc(w.model, w.tokenizer, ["ab"], step, k=2, max_new_tokens=1).draw(n=0)

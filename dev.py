@@ -144,7 +144,7 @@ def sync(paths: list[str]) -> None:
 
 def models() -> None:
     setup()
-    run(PY, "-m", "refimpl.models", "--retrain-shipped", env=env())
+    run(PY, "scripts/ship_models.py", *sys.argv[2:], env=env())
 
 
 TASKS = {"book": book, "test": test, "browser": browser, "setup": setup, "models": models}

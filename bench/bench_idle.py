@@ -41,7 +41,7 @@ def main() -> None:
 
     model, tok = load_model("refimpl/toy-arith", device=device)
     prompts, _ = arith.prompts("test")
-    ban = [tok.convert_tokens_to_ids("+")]
+    ban = [tok.convert_tokens_to_ids("0")]  # a digit: most answers need it somewhere
     print(describe(device))
 
     # 1. per-step latency: eos disabled so every call decodes exactly `steps` tokens
@@ -65,15 +65,15 @@ def main() -> None:
     # 2. cost per returned sample
     B, k = len(prompts), args.k
     # one warm-up of each path first (median_time warms up once too)
-    plain = median_time(lambda: lm.sample(model, tok, prompts, k=k, max_new_tokens=8, seed=0), device,
+    plain = median_time(lambda: lm.sample(model, tok, prompts, k=k, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0), device,
                         repeats=args.repeats) / (B * k)
-    masked = median_time(lambda: lm.sample(model, tok, prompts, k=k, max_new_tokens=8, seed=0,
+    masked = median_time(lambda: lm.sample(model, tok, prompts, k=k, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0,
                                            logits_processor=[idle.IDLELogitsProcessor(ban)]), device,
                          repeats=args.repeats) / (B * k)
-    sir = median_time(lambda: idle.corrected_sample(model, tok, prompts, ban, k=k, n=1, max_new_tokens=8),
+    sir = median_time(lambda: idle.corrected_sample(model, tok, prompts, ban, k=k, n=1, max_new_tokens=arith.MAX_NEW_TOKENS),
                       device, repeats=args.repeats) / B
-    _, acc = idle.rejection_sample(model, tok, prompts, ban, k=k, max_new_tokens=8, seed=0)
-    rej = median_time(lambda: idle.rejection_sample(model, tok, prompts, ban, k=k, max_new_tokens=8, seed=0),
+    _, acc = idle.rejection_sample(model, tok, prompts, ban, k=k, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0)
+    rej = median_time(lambda: idle.rejection_sample(model, tok, prompts, ban, k=k, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0),
                       device, repeats=args.repeats) / max(int(acc.sum()), 1)
     for name, t in [("plain", plain), ("idle", masked), (f"corrected k={k}", sir), ("rejection", rej)]:
         print(f"per sample  {name:14s} {1e3 * t:8.3f} ms   ratio to plain {t / plain:.2f}")

@@ -24,7 +24,12 @@ r"""Best-of-n and rejection sampling: two exact samplers built from draws of pi_
 
       a = E_ref[exp((r - r_max)/beta)] = Z·exp(-r_max/beta),                            (accept)
 
-  so the expected number of proposals per sample is 1/a = exp(r_max/beta)/Z.
+  so the expected number of proposals per sample is 1/a = exp(r_max/beta)/Z. Capped at n proposals,
+  returning the last one when none is accepted, it samples
+
+      R_n(y) = (1 - (1 - a)^n)·pi*(y) + (1 - a)^(n-1)·pi_ref(y)·(1 - e^{(r(y) - r_max)/beta}),        (capped)
+
+  whose distance to pi* falls geometrically, like (1 - a)^n.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from torch import Tensor
 
 from . import checks
 
-__all__ = ["best_of_n_law", "best_of_n_kl_bound", "rejection_acceptance", "rejection_sample", "RejectionSamples"]
+__all__ = ["best_of_n_law", "best_of_n_kl_bound", "rejection_acceptance", "rejection_law", "rejection_sample",
+           "RejectionSamples"]
 
 
 def _support(name: str, logp: Tensor, scores_name: str, scores: Tensor) -> None:
@@ -152,6 +158,28 @@ def rejection_acceptance(logp_ref: Tensor, reward: Tensor, beta: float, r_max: f
     """
     logp_ref, log_a = _log_accept(logp_ref, reward, beta, r_max)
     return torch.logsumexp(logp_ref + log_a, -1).exp()
+
+
+def rejection_law(logp_ref: Tensor, reward: Tensor, beta: float, r_max: float | Tensor, n: int) -> Tensor:
+    r"""log R_n: the law of rejection sampling capped at n proposals (the last one kept if all fail)   (eq. capped).
+
+    Args:
+        logp_ref, reward, beta, r_max: as in :func:`rejection_acceptance`.
+        n: the cap on proposals, >= 1 (n = 1 returns pi_ref; n -> inf tends to pi*).
+
+    Returns:
+        [..., N] log R_n, normalised (float32 at least).
+    """
+    logp_ref, log_a = _log_accept(logp_ref, reward, beta, r_max)
+    n = checks.integer("n", n, low=1)
+    if n == 1:
+        return logp_ref
+    log_rate = torch.logsumexp(logp_ref + log_a, -1, keepdim=True)  # [..., 1] log a
+    log_miss = torch.log1p(-log_rate.exp().clamp(max=1.0))  # log(1 - a); -inf when every proposal is accepted
+    accepted = torch.log(-torch.expm1(n * log_miss)) + logp_ref + log_a - log_rate  # (1 - (1-a)^n) pi*
+    rejected = (n - 1) * log_miss + logp_ref + torch.log1p(-log_a.exp().clamp(max=1.0))  # (1-a)^(n-1) pi_ref (1 - acc)
+    out = torch.logaddexp(accepted, rejected)
+    return out - torch.logsumexp(out, -1, keepdim=True)
 
 
 class RejectionSamples(NamedTuple):

@@ -34,8 +34,8 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "smoke": Scale("smoke", arith_layers=3, arith_width=128, arith_heads=4, arith_steps=1100,
-                   arith_batch=256, samples_per_prompt=96, seeds=3, rl_steps=50, rl_seeds=3),
+    "smoke": Scale("smoke", arith_layers=3, arith_width=96, arith_heads=8, arith_steps=1500,
+                   arith_batch=64, samples_per_prompt=96, seeds=3, rl_steps=50, rl_seeds=3),
     "full": Scale("full", arith_layers=8, arith_width=512, arith_heads=8, arith_steps=6000,
                   arith_batch=512, samples_per_prompt=384, seeds=10, rl_steps=150, rl_seeds=5),
 }

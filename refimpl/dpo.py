@@ -222,9 +222,10 @@ def train_dpo_tabular(logp_ref: Tensor, pairs: Pairs | Tensor, beta: float, step
     pairs this is the mean :func:`dpo_loss` over them; with W = :func:`preference_table` it is
     :func:`dpo_population_loss`. Outcomes that appear in no pair get no gradient: their logits
     stay at log pi_ref. The curvature of L in h_a scales as beta²·mu(a), so plain steps crawl on
-    rare outcomes; ``precondition=True`` divides each logit's step by that curvature (a diagonal
-    Newton step without line search, lr of order 1), which reaches the exact optimum of the
-    exact world in tens of steps.
+    rare outcomes; ``precondition=True`` divides each logit's step by that curvature (a Jacobi
+    step: the Hessian is a weighted graph Laplacian, so D^-1·H has eigenvalues in [0, 2] and lr
+    must stay below 1; at lr = 1 a mode can flip sign forever), which at lr = 0.5 reaches the
+    exact optimum of the exact world in tens of steps.
 
     Args:
         logp_ref: [P, N] log pi_ref (finite).

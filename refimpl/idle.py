@@ -215,28 +215,40 @@ def exact_token_level(logp: Tensor, vocab_size: int, banned_ids) -> tuple[Tensor
     return log_q.reshape(P, N), log_w.expand_as(joint).reshape(P, N)
 
 
+def _rows_per_batch(width: int, vocab_size: int, max_elements: int) -> int:
+    """Rows per forward pass so that one batch's [rows, width, V] float32 logits stay within
+    ``max_elements`` (at least one row)."""
+    return max(1, max_elements // max(1, width * vocab_size))
+
+
 @torch.no_grad()
 def log_allowed_mass(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                     completion_mask: Tensor, banned_ids, temperature: float = 1.0, batch_size: int = 64) -> Tensor:
+                     completion_mask: Tensor, banned_ids, temperature: float = 1.0, batch_size: int | None = None,
+                     max_elements: int = 2**26) -> Tensor:
     r"""log w(y) = sum_t log Z_t over real completion tokens, by forward passes over the completions.
 
     Z_t is the allowed mass of the *unconstrained* next-token distribution softmax(logits / T)
-    at step t (the stop token's step included), i.e. ``w(y) = P_T(y) / q(y)``. Rows are processed
-    ``batch_size`` at a time, so memory stays bounded for large vocabularies. During generation,
-    ``IDLELogitsProcessor(track_temperature=T)`` gives the same numbers without these passes.
+    at step t (the stop token's step included), i.e. ``w(y) = P_T(y) / q(y)``. Only the T + 1 last
+    positions' logits are computed (``logits_to_keep``), ``batch_size`` rows at a time (default:
+    as many as keep [rows, T + 1, V] within ``max_elements``, 256 MiB of float32), so memory stays
+    bounded for a 150k vocabulary. During generation, ``IDLELogitsProcessor(track_temperature=T)``
+    gives the same numbers without these passes.
 
     Returns:
         [B] float32, <= 0.
     """
     temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
-    batch_size = checks.integer("batch_size", batch_size, low=1)
     lm._check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     c = constraints.as_constraint(banned_ids)
-    P, T, out = prompt_ids.shape[1], completion_ids.shape[1], []
-    for s in range(0, prompt_ids.shape[0], batch_size):
-        sl = slice(s, s + batch_size)
-        logits = lm._forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl]).logits
-        logits = lm.completion_logits(logits, P).float() / temperature  # [b, T, V]
+    T, V = completion_ids.shape[1], lm._vocab_size(model)
+    rows = (_rows_per_batch(T + 1, V, checks.integer("max_elements", max_elements, low=1)) if batch_size is None
+            else checks.integer("batch_size", batch_size, low=1))
+    out = []
+    for s in range(0, prompt_ids.shape[0], rows):
+        sl = slice(s, s + rows)
+        logits = lm._forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
+                             logits_to_keep=T + 1).logits[:, :T]  # [b, T, V]: row t predicts token t
+        logits = logits.float() / temperature
         masks = constraints.iter_banned(c, prompt_ids[sl], completion_ids[sl], logits.shape[-1])  # T x [b, V]
         log_allowed = [torch.logsumexp(logits[:, t].masked_fill(m, float("-inf")), -1) for t, m in zip(range(T), masks)]
         log_Z = torch.stack(log_allowed, 1) - torch.logsumexp(logits, -1)  # [b, T], -inf where nothing is allowed

@@ -6,7 +6,7 @@ samples y ~ pi_theta, with t = log pi_ref(y) - log pi_theta(y), three estimators
 
     k1 = -t,     k2 = ½ t²,     k3 = (e^t - 1) - t  (>= 0).                             (k1-k3)
 
-E_pi[k1] = E_pi[k3] = KL exactly; E_pi[k2] = KL + O(|pi/pi_ref - 1|³) only. An implementation
+E_pi[k1] = E_pi[k3] = KL exactly; E_pi[k2] = KL + O(abs(pi/pi_ref - 1)³) only. An implementation
 does not only estimate the KL, it differentiates something. On-policy, per sample, the expected
 gradients with respect to the logits theta are (the sampling is not differentiated; Tang & Munos
 2025, "On a few pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477; Liu et
@@ -162,7 +162,7 @@ def expected_gradient(logits: Tensor, logp_ref: Tensor, reward: Tensor, beta: fl
     expectation), weighted by pi_theta(y) held constant and summed over the support: the average
     of what an implementation differentiates. Closed forms: -∇J for "k1_reward" and "k2_loss",
     -∇E_pi[r] for "k1_loss", -∇(E_pi[r] - beta·KL(pi_ref||pi)) for "k3_loss" (while every
-    |log pi_ref - log pi| <= K3_CLAMP, beyond which the loss clamps it as GRPO does).
+    abs(log pi_ref - log pi) <= K3_CLAMP, beyond which the loss clamps it as GRPO does).
 
     Args:
         logits: [..., N] finite logits theta.

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import checks
 from .sampling import Samples, _context_length, completion_mask, padding_side, sample  # noqa: F401 (re-exported)
 
-__all__ = ["Samples", "left_align", "forward", "sequence_logprobs", "sample", "embed", "completion_mask",
+__all__ = ["Samples", "left_align", "forward", "sequence_logprobs", "sample", "embed", "embed_layers", "completion_mask",
            "completion_logits", "last_token_index", "padding_side"]
 
 
@@ -185,4 +185,44 @@ def embed(
                      output_hidden_states=True).hidden_states[layer]  # [b, P+T, d]
         last = last_token_index(P, completion_mask[sl], before_last)  # [b]
         out.append(h[torch.arange(h.shape[0], device=h.device), last].float())
+    return torch.cat(out)
+
+
+def _final_norm(model):
+    """The norm applied after the last block (GPT-2 ``ln_f``, Llama/Qwen2 ``norm``), or None."""
+    base = getattr(model, "base_model", model)
+    return next((m for m in (getattr(base, "ln_f", None), getattr(base, "norm", None)) if m is not None), None)
+
+
+@torch.no_grad()
+def embed_layers(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                 before_last: bool | None = False, batch_size: int = 1024) -> Tensor:
+    r"""phi(x, y) at every depth in one pass: [B, n_layers + 2, d].
+
+    Index 0 is the embedding output, i = 1..n_layers the residual stream after block i *before*
+    the final norm (the paper's kind of feature), and n_layers + 1 the last block after the final
+    norm (what :func:`embed` returns with ``layer=-1``). Position as in :func:`embed`;
+    ``before_last=None`` reads both positions from the same pass: [B, 2, n_layers + 2, d]
+    (index 0 the last completion token, 1 the token before it).
+    """
+    _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    batch_size = checks.integer("batch_size", batch_size, low=1)
+    norm = _final_norm(model)
+    if norm is None:
+        raise ValueError(f"{type(model).__name__}: no final norm (ln_f / norm) found to read the stream before it")
+    P, out, seen = prompt_ids.shape[1], [], []
+    hook = norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        for s in range(0, completion_ids.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            seen.clear()
+            hs = _forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
+                          output_hidden_states=True).hidden_states  # n_layers + 1 entries, the last after the norm
+            h = torch.stack([*hs[:-1], seen[-1], hs[-1]], 1)  # [b, n_layers + 2, P+T, d]
+            rows = torch.arange(h.shape[0], device=h.device)
+            picks = [h[rows, :, last_token_index(P, completion_mask[sl], b)].float()  # [b, n_layers + 2, d]
+                     for b in ((False, True) if before_last is None else (bool(before_last),))]
+            out.append(torch.stack(picks, 1) if before_last is None else picks[0])
+    finally:
+        hook.remove()
     return torch.cat(out)

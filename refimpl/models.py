@@ -1,16 +1,20 @@
 r"""Loading models: the project's own toy models, or any Hugging Face causal LM by name.
 
-``load_model("refimpl/toy-arith")`` trains (once, deterministically) or loads from the cache a
-small GPT-2 on the arithmetic corpus; ``load_model("refimpl/toy-exact")`` does the same for the
-exact world's tiny model. Both are saved with ``save_pretrained`` and read back through
+``load_model("refimpl/toy-arith")`` loads the small GPT-2 of the column-addition world that the
+repository ships (``models/``, see :func:`shipped_dir`), or trains it (once, deterministically) and
+caches it where there is no shipped copy or at another scale; ``TASK_MODELS`` lists the three
+independently trained seeds, ``"refimpl/toy-arith-weak"`` and ``"refimpl/toy-arith-noverdict"`` are
+the helper embedders, ``"refimpl/toy-exact"`` the exact world's tiny model. All are saved with ``save_pretrained`` and read back through
 ``AutoModelForCausalLM.from_pretrained`` -- the path a hub id takes -- so
 ``load_model("Qwen/Qwen2.5-0.5B")`` works the same way where the network is available.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,20 +23,23 @@ from typing import Callable
 import torch
 
 from . import checks
-from .config import Scale, cache_dir, device as pick_device, get_scale
+from .config import SCALES, Scale, cache_dir, device as pick_device, get_scale
 
-__all__ = ["load_model", "toy_model_path", "pretrain", "TOY_MODELS"]
+__all__ = ["load_model", "toy_model_path", "shipped_dir", "pretrain", "TOY_MODELS", "TASK_MODELS"]
 
-FORMAT_VERSION = 1  # bump when a toy model's recipe changes, so caches are rebuilt
+FORMAT_VERSION = 2  # bump when a toy model's recipe changes, so caches are rebuilt
 TRAIN_THREADS = 2  # CPU threads used to train toy models (part of the recipe: see toy_model_path)
 
 
 def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: float, seed: int,
-             warmup: int = 100) -> list[float]:
+             warmup: int = 100, first_target: int | None = None) -> list[float]:
     """Next-token pretraining: AdamW, linear warmup then cosine decay, gradient clip 1.0.
 
     Args:
-        batches: ``step -> [B, L]`` token ids (no padding; every position is trained).
+        batches: ``step -> [B, L]`` token ids (no padding).
+        first_target: train only the tokens after the first occurrence of this id in each line
+            (the arithmetic world's ``=``: its prompts are uniform noise, and fitting them only
+            slows the model down); ``None`` trains every position.
 
     Returns:
         The loss at every step.
@@ -52,8 +59,12 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
     losses = []
     for step in range(steps):
         ids = batches(step).to(device, non_blocking=True)
+        labels = ids
+        if first_target is not None:  # -100 (no loss) on the tokens up to and including the first `first_target`
+            hit = ids == first_target
+            labels = ids.masked_fill((hit.long().cumsum(1) == 0) | hit, -100)
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,46 +86,56 @@ def _gpt2(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: 
     return GPT2LMHeadModel(cfg)
 
 
-def _encode_lines(tok, lines: list[str]) -> torch.Tensor:
-    """``tok(lines)["input_ids"]`` for a word-level tokenizer that splits on whitespace and adds
-    ``<bos>``: a dictionary lookup, about 50 times faster on millions of lines (checked on a prefix)."""
-    vocab, bos = tok.get_vocab(), [tok.bos_token_id]
-    ids = torch.tensor([bos + [vocab[w] for w in line.split()] for line in lines])
-    if not torch.equal(ids[:256], tok(lines[:256], return_tensors="pt")["input_ids"]):
+def _length_batches(tok, lines: list[str], batch: int, seed: int) -> list[torch.Tensor]:
+    """Token ids in batches of equal-length lines (no padding), shuffled deterministically; each
+    line is ``<bos>`` + one token per whitespace-separated word (checked against the tokenizer)."""
+    vocab, bos = tok.get_vocab(), tok.bos_token_id
+    by_len: dict[int, list[list[int]]] = {}
+    for line in lines:
+        by_len.setdefault(len(line.split()) + 1, []).append([bos] + [vocab[w] for w in line.split()])
+    if tok(lines[:1])["input_ids"][0] != by_len[len(lines[0].split()) + 1][0]:
         raise RuntimeError("fast corpus encoding disagrees with the tokenizer")
-    return ids
+    rng, out = random.Random(seed), []
+    for length in sorted(by_len):
+        group = by_len[length]
+        rng.shuffle(group)
+        out += [torch.tensor(group[s:s + batch]) for s in range(0, len(group) - batch + 1, batch)]
+    rng.shuffle(out)
+    return out
 
 
-def _build_arith(scale: Scale, out: Path, layers: int | None = None, width: int | None = None,
-                 heads: int | None = None, steps: int | None = None, batch: int | None = None,
-                 seed: int = 0, corpus_seed: int = 1234) -> dict:
-    from .worlds import arith
+def _build_arith(scale: Scale, out: Path, seed: int = 0, kind: str = "base") -> dict:
+    """The task world's model: GPT-2 trained on the fallible writer's corpus (``kind="base"``), on
+    a corpus without verdicts (``"noverdict"``: an embedder of another kind), or a smaller, shorter
+    -trained model on the same kind of corpus (``"weak"``). Corpus seed 1000 + seed, init seed ``seed``."""
+    import dataclasses
 
-    layers, width, heads = layers or scale.arith_layers, width or scale.arith_width, heads or scale.arith_heads
-    steps, batch = steps or scale.arith_steps, batch or scale.arith_batch
-    cfg = arith.ArithConfig()
-    tok = arith.build_tokenizer(cfg)
+    from .worlds import arith, writer
+
+    layers, width, heads, steps, batch = (scale.arith_layers, scale.arith_width, scale.arith_heads,
+                                          scale.arith_steps, scale.arith_batch)
+    if kind == "weak":
+        layers, width, heads, steps = max(1, layers - 1), width * 2 // 3, max(1, heads // 2), steps * 2 // 5
+    cfg = dataclasses.replace(arith.WorldConfig(), verdict=kind != "noverdict")
+    tok = arith.build_tokenizer()
     stop_id = tok.convert_tokens_to_ids(arith.STOP)
+    lines = writer.corpus(int(steps * batch * 1.03) + 4 * batch, seed=1000 + seed, cfg=cfg)  # spare for remainders
+    data = _length_batches(tok, lines, batch, seed)[:steps]
     torch.manual_seed(seed)
-    model = _gpt2(len(tok), layers, width, heads, 32, tok, stop_id).to(pick_device(scale))
-    lines = arith.corpus(steps * batch, seed=corpus_seed, cfg=cfg)
-    data = _encode_lines(tok, lines).to(pick_device(scale))  # [n, L]: every line has the same length
-    batches = lambda s: data[s * batch : (s + 1) * batch]
-    losses = pretrain(model, batches, steps, lr=2e-3, seed=seed)
+    model = _gpt2(len(tok), layers, width, heads, 24, tok, stop_id)
+    model.config.activation_function = "gelu"  # exact GELU: one fused kernel, faster on a CPU
+    torch.manual_seed(seed)
+    model = type(model)(model.config).to(pick_device(scale))
+    losses = pretrain(model, lambda s: data[s], steps, lr=2e-3, seed=seed,
+                      first_target=tok.convert_tokens_to_ids("="))
     model.to("cpu")
     model.generation_config.eos_token_id = stop_id  # sampling stops at ';'
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"final_loss": sum(losses[-50:]) / 50, "params": sum(p.numel() for p in model.parameters())}
-
-
-def _build_arith_alt(scale: Scale, out: Path) -> dict:
-    """A second, smaller arithmetic model (other seeds, other corpus draw): the Q-probe chapter's
-    "API" embedder, a model that did not generate the samples it scores."""
-    return _build_arith(scale, out, layers=max(2, scale.arith_layers - 1), width=scale.arith_width // 2,
-                        heads=max(2, scale.arith_heads // 2), steps=scale.arith_steps * 2 // 3,
-                        batch=scale.arith_batch // 2, seed=1, corpus_seed=4321)
+    return {"kind": kind, "seed": seed, "corpus_seed": 1000 + seed, "layers": layers, "width": width, "heads": heads,
+            "steps": steps, "batch": batch, "lr": 2e-3, "verdicts": cfg.verdict,
+            "final_loss": sum(losses[-50:]) / 50, "params": sum(p.numel() for p in model.parameters())}
 
 
 def _build_exact(scale: Scale, out: Path) -> dict:
@@ -133,10 +154,20 @@ def _build_exact(scale: Scale, out: Path) -> dict:
 
 
 TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
-    "refimpl/toy-arith": _build_arith,
-    "refimpl/toy-arith-alt": _build_arith_alt,
+    "refimpl/toy-arith": _build_arith,  # the task model, seed 0 (the chapters' default)
+    "refimpl/toy-arith-s1": functools.partial(_build_arith, seed=1),
+    "refimpl/toy-arith-s2": functools.partial(_build_arith, seed=2),
+    "refimpl/toy-arith-weak": functools.partial(_build_arith, kind="weak"),
+    "refimpl/toy-arith-noverdict": functools.partial(_build_arith, kind="noverdict"),
     "refimpl/toy-exact": _build_exact,
 }
+TASK_MODELS = ["refimpl/toy-arith", "refimpl/toy-arith-s1", "refimpl/toy-arith-s2"]  # independently trained seeds
+
+
+def shipped_dir() -> Path:
+    """Where the repository keeps the smoke-scale models it ships: ``$REFIMPL_MODELS`` or
+    ``models/`` beside the package (a clone or an editable install)."""
+    return Path(os.environ.get("REFIMPL_MODELS") or Path(__file__).resolve().parents[1] / "models")
 
 
 def _remove_abandoned(path: Path) -> None:
@@ -151,8 +182,9 @@ def _remove_abandoned(path: Path) -> None:
             pass
 
 
-def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
-    """The cache folder of toy model ``name``, training it first if it is not there.
+def toy_model_path(name: str, scale: Scale | str | None = None, shipped: bool = True) -> Path:
+    """The folder of toy model ``name``: the shipped one at the smoke scale (``shipped_dir()``,
+    when present and ``shipped``), else the cache folder, training the model first if needed.
 
     On the CPU (always at the smoke scale) training is deterministic: seeded, single process,
     ``TRAIN_THREADS`` threads, so the same machine type gives the same weights. At the full scale it
@@ -165,6 +197,10 @@ def toy_model_path(name: str, scale: Scale | str | None = None) -> Path:
         raise ValueError(f"unknown toy model {name!r}; known: {sorted(TOY_MODELS)}")
     scale = scale if isinstance(scale, Scale) else get_scale(scale)
     scale_dep = name != "refimpl/toy-exact"  # the exact world's model is the same at every scale
+    sizes = {k: v for k, v in scale.__dict__.items() if k.startswith("arith_")}  # what shapes the model
+    smoke = {k: v for k, v in SCALES["smoke"].__dict__.items() if k.startswith("arith_")}
+    if shipped and (sizes == smoke or not scale_dep) and (shipped_dir() / name.split("/")[-1] / "refimpl_info.json").exists():
+        return shipped_dir() / name.split("/")[-1]  # the exact world's model is the same at every scale
     sizes = {k: v for k, v in scale.__dict__.items() if k.startswith("arith_")}  # what shapes the model
     recipe = [name, sizes if scale_dep else None, FORMAT_VERSION]
     if scale_dep and pick_device(scale).type != "cpu":  # other hardware, other weights

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,21 +134,21 @@ def resampling_law(log_proposal: Tensor, log_w: Tensor, ks: Sequence[int], n_mc:
     top = lw.amax(-1, keepdim=True)  # [R, 1]
     if bool(torch.isneginf(top).any()):
         raise ValueError("log_w must be finite somewhere on the proposal's support in every row")
-    w = torch.exp(lw - top)  # [R, N] in [0, 1]; the law does not depend on the weights' scale
-    R = w.shape[0]
-    if K > 1:
+    lw = (lw - top).double()  # [R, N] log w <= 0; the law does not depend on the weights' scale
+    R = lw.shape[0]
+    if K > 1:  # in log space: weights spanning hundreds of nats neither overflow nor give 0 * inf
         idx = torch.multinomial(q, n_mc * (K - 1), replacement=True, generator=generator)  # [R, n_mc*(K-1)]
-        sums = w.gather(1, idx).view(R, n_mc, K - 1).cumsum(-1)  # [R, n_mc, K-1]: first j others
+        log_sums = torch.logcumsumexp(lw.gather(1, idx).view(R, n_mc, K - 1), -1)  # [R, n_mc, K-1]: first j others
     out = []
     for k in ks:
         if k == 1:
             out.append(q.log().view(shape))
             continue
-        others = sums[..., k - 2]  # [R, n_mc]
-        denom = w[:, None, :] + others[..., None]  # [R, n_mc, N]
-        ratio = torch.where(denom > 0, k / denom.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(denom))
-        p = q * w * ratio.mean(1)  # [R, N]
-        out.append((p / p.sum(-1, keepdim=True)).log().view(shape))
+        log_denom = torch.logaddexp(lw[:, None, :], log_sums[..., k - 2, None])  # [R, n_mc, N] log(w(y) + S_{k-1})
+        log_ratio = torch.where(torch.isneginf(log_denom), log_denom, math.log(k) - log_denom)
+        log_mean = torch.logsumexp(log_ratio, 1) - math.log(n_mc)  # [R, N] log E[k / (w(y) + S_{k-1})]
+        log_p = q.double().log() + lw + log_mean  # -inf where q or w is 0
+        out.append((log_p - torch.logsumexp(log_p, -1, keepdim=True)).to(q.dtype).view(shape))
     return torch.stack(out)
 
 

@@ -28,7 +28,7 @@ from . import checks, lm
 from .gvpo import _centre, _gvpo_loss
 from .grpo import _dr_grpo_loss, _grpo_loss
 
-__all__ = ["GroupBatch", "RLConfig", "LOSSES", "TrainLog", "train"]
+__all__ = ["GroupBatch", "RLConfig", "LOSSES", "TrainLog", "train", "rollout_batch"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,41 @@ def _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c: RLConfig, i
         behavior = s.by_prompt(lm._sequence_logprobs(policy, *args)[1])  # [P, k, T]
         ref_tok = s.by_prompt(lm._sequence_logprobs(ref, *args)[1])
     return _Rollout(s, s.by_prompt(rewards.to(behavior.device)), behavior, ref_tok)
+
+
+def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable,
+                  config: RLConfig = RLConfig(), seed: int = 0) -> GroupBatch:
+    r"""One fresh rollout of :func:`train` (``config.prompts_per_step`` prompts drawn with ``seed``,
+    k completions each) as the :class:`GroupBatch` of its first update: ``logp_tok`` carries the
+    graph of ``policy``, and the behaviour and start log-probs are the policy's own (no grad).
+
+    For measuring what each loss of :data:`LOSSES` does with the same samples (gradients, their
+    variance); :func:`train` does not call it.
+
+    Args:
+        policy, ref: the policy (gradients flow into it) and the reference model.
+        prompts, targets, reward_fn: as in :func:`train`.
+        config: :class:`RLConfig`; its ``k``, ``prompts_per_step``, ``max_new_tokens`` and
+            ``temperature`` are used.
+        seed: chooses the prompts and seeds the sampling, >= 0.
+
+    Returns:
+        :class:`GroupBatch` [P, k, T] with P = ``config.prompts_per_step``.
+    """
+    if not isinstance(config, RLConfig):
+        raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+    prompts = checks.strings("prompts", prompts)
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
+    if config.prompts_per_step > len(prompts):
+        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the {len(prompts)} prompts")
+    seed = checks.integer("seed", seed, low=0)
+    idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[: config.prompts_per_step]
+    r = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, config, idx.tolist(), seed)
+    args = (r.s.prompt_ids, r.s.prompt_mask, r.s.completion_ids, r.s.completion_mask, config.temperature)
+    logp = r.s.by_prompt(lm._sequence_logprobs(policy, *args)[1])  # [P, k, T] with the graph
+    mask = r.s.by_prompt(r.s.completion_mask.float())
+    return GroupBatch(logp, r.behavior_tok, r.behavior_tok, r.ref_tok, mask, r.rewards, config.max_new_tokens)
 
 
 def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable,

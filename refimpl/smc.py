@@ -20,7 +20,7 @@ A *step* object supplies the factors: ``start(prompt_ids) -> state``, ``step(sta
 resampling like the KV cache. :class:`ConstrainedStep` is (G)I-DLE's: q_t = the renormalized
 allowed distribution, γ_t = P_T · 1[allowed], so the increment is log Z_t and π = P_T(y | allowed)
 (Lee 2025, arXiv 2503.18050). A twisted step, γ_t(v) = P(v | y_<t) ψ_t(y_<t v) / ψ_{t-1}(y_<t),
-targets π* ∝ P exp(r / β) when ψ_L = exp(r / β) (see the tests for the exact-world twist).
+targets π* ∝ P exp(r / β) when ψ_L = exp(r / β) (:func:`soft_values`, :func:`guided_law`, :class:`TwistedStep`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from torch import Tensor
 from . import checks, constraints
 from .sampling import Samples, _context_length, completion_mask, padding_side
 
-__all__ = ["StepLogits", "ConstrainedStep", "SMCResult", "smc", "resample_index", "ancestors"]
+__all__ = ["StepLogits", "ConstrainedStep", "SMCResult", "smc", "resample_index", "ancestors", "soft_values",
+           "guided_law", "TwistedStep"]
 
 
 class StepLogits(NamedTuple):
@@ -231,3 +232,73 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
     lw = log_w.view(B, k)
     return SMCResult(samples, lw, torch.logsumexp(lw, -1) - math.log(k), logp, logq, torch.stack(ess_trace, 1),
                      torch.stack(resampled, 1))
+
+
+def soft_values(logp: Tensor, reward: Tensor, beta: float, vocab_size: int) -> list[Tensor]:
+    r"""log ψ_t(y_≤t) = log E_{y~p}[exp(r(y)/β) | y_≤t], t = 0..L: [P, V^t] each; ψ_L = exp(r/β) (known).
+
+    ``logp`` [P, V^L] (base-V order, ``-inf``: p = 0), ``reward`` [P, V^L]. With p the model's law:
+    the exact twist (the soft value; Zhao et al. 2024). With p the empirical law of samples (log
+    counts/M): its Monte Carlo estimate, a learned value (controlled decoding, Mudgal et al. 2024); an
+    unvisited prefix takes its parent's value.
+    """
+    L, V, beta = _depth(logp, vocab_size), vocab_size, checks.beta(beta)
+    checks.tensor("reward", reward, floating=True)
+    checks.same_shape(logp=logp, reward=reward)
+    checks.finite("logp", logp, allow_neg_inf=True), checks.finite("reward", reward, allow_neg_inf=True)
+    P, a, out = logp.shape[0], logp + reward / beta, []  # a: [P, V^L]
+    for t in range(L):
+        num, den = (torch.logsumexp(x.view(P, V**t, -1), -1) for x in (a, logp))  # [P, V^t]: over suffixes
+        out.append(torch.where(torch.isneginf(den), out[-1].repeat_interleave(V, 1), num - den) if t else num - den)
+    return out + [reward / beta]
+
+
+def guided_law(logp: Tensor, log_psi: Sequence[Tensor], vocab_size: int) -> Tensor:
+    r"""[P, V^L] log q(y) = Σ_t log q_t(y_t | y_<t), q_t(v | y_<t) ∝ P(v | y_<t)·ψ_t(y_<t v): guidance.
+
+    ``logp`` [P, V^L] finite log P, ``log_psi`` L + 1 tensors [P, V^t] (ψ_0 unused); q = π* for the exact twist."""
+    L, V = _depth(logp, vocab_size), vocab_size
+    if isinstance(log_psi, (str, bytes, Tensor)) or not isinstance(log_psi, Sequence) or \
+            not all(isinstance(p, Tensor) for p in log_psi):
+        raise TypeError(f"log_psi must be a list of tensors (one per depth), got {type(log_psi).__name__}")
+    shapes = [(logp.shape[0], V**t) for t in range(L + 1)]
+    if not bool(torch.isfinite(logp).all()) or [tuple(p.shape) for p in log_psi] != shapes:
+        raise ValueError(f"logp must be finite and log_psi {L + 1} tensors of shapes [P, V^t], t = 0..{L}")
+    P, log_q = logp.shape[0], torch.zeros_like(logp)
+    marg = [torch.logsumexp(logp.view(P, V**t, -1), -1) for t in range(L + 1)]  # log P(y_≤t): [P, V^t]
+    for t in range(1, L + 1):
+        s = marg[t] - marg[t - 1].repeat_interleave(V, 1) + log_psi[t]  # [P, V^t]: log P(v | y_<t) ψ_t
+        s = s - torch.logsumexp(s.view(P, -1, V), -1).repeat_interleave(V, 1).clamp(min=torch.finfo(s.dtype).min)
+        log_q = log_q + s.repeat_interleave(V ** (L - t), 1)  # [P, V^L]
+    return log_q
+
+
+def _depth(logp: Tensor, V: int) -> int:  # L, for logp [P, V^L]
+    N, V = checks.tensor("logp", logp, dims=2, floating=True).shape[1], checks.integer("vocab_size", V, low=2)
+    if V ** round(math.log(N) / math.log(V)) != N:
+        raise ValueError(f"logp must have V^L columns (vocab_size V = {V}), got shape {tuple(logp.shape)}")
+    return round(math.log(N) / math.log(V))
+
+
+class TwistedStep:
+    """SMC step γ_t(v) = P(v | y_<t) ψ_t(y_<t v) / ψ_{t-1}(y_<t), q_t ∝ P ψ_t; ``log_psi`` from
+    :func:`soft_values`, its rows those of the prompts ``prompt_ids`` [P, T]. State: (row, t, prefix code)."""
+
+    def __init__(self, log_psi: Sequence[Tensor], prompt_ids: Tensor):
+        self.log_psi, self.prompt_ids = list(log_psi), checks.tensor("prompt_ids", prompt_ids, dims=2, integral=True)
+
+    def start(self, prompt_ids: Tensor) -> Tensor:
+        hit = (prompt_ids[:, None, :] == self.prompt_ids[None].to(prompt_ids.device)).all(-1)  # [N, P]
+        if not bool(hit.any(1).all()):
+            raise ValueError("a prompt is not among the twist's prompt_ids")
+        return torch.nn.functional.pad(hit.float().argmax(1)[:, None], (0, 2))  # (row, t = 0, code = 0)
+
+    def advance(self, state: Tensor, tokens: Tensor) -> Tensor:
+        return torch.stack([state[:, 0], state[:, 1] + 1, state[:, 2] * self.log_psi[1].shape[1] + tokens], 1)
+
+    def __call__(self, state: Tensor, logits: Tensor) -> StepLogits:
+        (p, t, code), V = state.unbind(1), logits.shape[-1]
+        now, nxt = (x.to(logits.device, torch.float32) for x in self.log_psi[int(t[0]):int(t[0]) + 2])
+        nxt = nxt[p[:, None], code[:, None] * V + torch.arange(V, device=logits.device)]  # [N, V]
+        log_p = torch.log_softmax(logits.float(), -1)
+        return StepLogits(torch.log_softmax(log_p + nxt, -1), log_p + nxt - now[p, code][:, None])

@@ -15,7 +15,7 @@ LAYERS = [
     {"kl", "resample", "metrics", "report"},
     {"sampling"},
     {"lm"},
-    {"worlds", "worlds.arith", "worlds.exact"},
+    {"worlds", "worlds.arith", "worlds.exact", "worlds.writer"},
     {"pools", "qprobe", "gvpo", "grpo", "idle", "rft", "constraints", "smc",
      "bestofn", "dpo", "klpg"},
     {"rl", "tabular"},

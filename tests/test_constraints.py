@@ -53,9 +53,9 @@ def test_bad_words_masks_match_brute_force_and_transformers():
 
 def test_bad_words_generate_identical_to_transformers(arith_model):
     model, tok = arith_model
-    bad = [[tok.convert_tokens_to_ids(w) for w in ws.split()] for ws in ["+", "- 1", "* 2 ;"]]
-    prompts, eos = ["17 =", "40 ="], model.generation_config.eos_token_id
-    kw = dict(k=100, max_new_tokens=8, seed=3)
+    bad = [[tok.convert_tokens_to_ids(w) for w in ws.split()] for ws in ["0", "2 3", "3 1 ;"]]
+    prompts, eos = ["4 7 + 8 5 =", "0 9 + 3 3 ="], model.generation_config.eos_token_id  # 132, 42
+    kw = dict(k=100, max_new_tokens=4, seed=3)
     ours = lm.sample(model, tok, prompts, logits_processor=[idle.IDLELogitsProcessor(C.BadWords(bad))], **kw)
     theirs = lm.sample(model, tok, prompts, logits_processor=[NoBadWordsLogitsProcessor(bad, eos)], **kw)
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
@@ -74,8 +74,8 @@ def test_stop_token_ban_kept_where_transformers_drops_it(arith_model):
     ours = idle.IDLELogitsProcessor(C.BadWords([[eos]]))(ids, scores)
     assert torch.isneginf(ours[:, eos]).all()
     kw = dict(k=32, max_new_tokens=6, seed=0)
-    theirs = lm.sample(model, tok, ["17 ="], logits_processor=[NoBadWordsLogitsProcessor([[eos]], eos)], **kw)
-    ours = lm.sample(model, tok, ["17 ="], logits_processor=[idle.IDLELogitsProcessor(C.BadWords([[eos]]))], **kw)
+    theirs = lm.sample(model, tok, ["4 7 + 8 5 ="], logits_processor=[NoBadWordsLogitsProcessor([[eos]], eos)], **kw)
+    ours = lm.sample(model, tok, ["4 7 + 8 5 ="], logits_processor=[idle.IDLELogitsProcessor(C.BadWords([[eos]]))], **kw)
     assert (theirs.completion_ids == eos).any() and not (ours.completion_ids == eos).any()
     assert (ours.completion_mask.sum(1) == 6).all()
 

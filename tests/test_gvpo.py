@@ -1,5 +1,6 @@
 """refimpl.gvpo, refimpl.grpo and refimpl.rl: the gradient identity, invariances, convergence to pi*,
 baselines, the loss table, validation."""
+import copy
 import math
 
 import pytest
@@ -201,7 +202,7 @@ def test_train_smoke_changes_parameters(arith_model, loss):
     policy, _ = load_model("refimpl/toy-arith", device="cpu")
     prompts, targets = arith.prompts("train")
     extra = {"kl_coef": 0.04} if loss == "grpo" else {}
-    cfg = RLConfig(loss=loss, steps=2, k=2, prompts_per_step=4, lr=1e-3, **extra)
+    cfg = RLConfig(loss=loss, steps=2, k=2, prompts_per_step=4, lr=1e-3, max_new_tokens=arith.MAX_NEW_TOKENS, **extra)
     log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
     hist = log.as_dict()
     assert set(hist) >= {"reward/mean", "kl/ref", "grad/norm", "loss"}
@@ -267,10 +268,33 @@ def test_train_rollout_variants(arith_model, kw):
     prompts, targets = arith.prompts("train")
     for loss, extra in [("gvpo", dict(anchor="old")), ("grpo", {})]:
         policy, _ = load_model("refimpl/toy-arith", device="cpu")
-        cfg = RLConfig(loss=loss, steps=3, k=2, prompts_per_step=4, lr=1e-2, max_new_tokens=8, **extra, **kw)
+        cfg = RLConfig(loss=loss, steps=3, k=2, prompts_per_step=4, lr=1e-2, max_new_tokens=arith.MAX_NEW_TOKENS, **extra, **kw)
         log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
         assert all(len(v) == 3 for v in log.as_dict().values())
         if kw.get("minibatches", 1) > 1 or kw.get("staleness"):
             assert max(log.clip_frac) > 0  # the second update (or stale data) moves the ratio off 1
         if kw.get("staleness"):
             assert log.grad_norm[0] == 0.0  # step 0 has no rollout old enough to train on
+
+
+def test_rollout_batch_gvpo_old_is_dr_grpo_up_to_scale(arith_model):
+    """On a fresh rollout (rho = 0 at the old anchor, ratios = 1) GVPO-old's gradient is Dr. GRPO's
+    times beta·k·T_max/(k-1): both are centred-reward policy gradient with token sums."""
+    from refimpl.worlds import arith
+
+    ref, tok = arith_model
+    policy = copy.deepcopy(ref)
+    prompts, targets = arith.prompts("train")
+    cfg = RLConfig(k=4, prompts_per_step=6, max_new_tokens=arith.MAX_NEW_TOKENS)
+    b = rl.rollout_batch(policy, ref, tok, prompts, targets, arith.reward, cfg, seed=3)
+    assert b.logp_tok.shape == (6, 4, b.mask.shape[-1]) and b.logp_tok.requires_grad
+    assert b.rewards.shape == (6, 4) and b.rewards.std() > 0  # some signal in this rollout
+    params = list(policy.parameters())
+    flat = lambda loss: torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+    g_old = flat(rl.LOSSES["gvpo"].fn(b, RLConfig(beta=0.1, anchor="old")))
+    g_dr = flat(rl.LOSSES["dr_grpo"].fn(b, RLConfig(loss="dr_grpo")))
+    torch.testing.assert_close(g_old, 0.1 * 4 * arith.MAX_NEW_TOKENS / 3 * g_dr, rtol=1e-4, atol=1e-7)
+    with pytest.raises(TypeError, match="config"):
+        rl.rollout_batch(policy, ref, tok, prompts, targets, arith.reward, config={"k": 4})
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        rl.rollout_batch(policy, ref, tok, prompts[:3], targets[:3], arith.reward, cfg)

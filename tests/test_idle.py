@@ -48,7 +48,7 @@ def test_generate_first_token_distribution(arith_model):
     from transformers import TopPLogitsWarper
 
     model, tok = arith_model
-    prompt, ban, top_p, n = ["17 ="], [tok.convert_tokens_to_ids(str(i)) for i in range(10)], 0.8, 4000
+    prompt, ban, top_p, n = ["4 7 + 8 5 ="], [tok.convert_tokens_to_ids(d) for d in "23"], 0.8, 4000
     s = lm.sample(model, tok, prompt, k=n, max_new_tokens=1, top_p=top_p,
                   logits_processor=[idle.IDLELogitsProcessor(ban)], seed=0)
     enc = tok(prompt, return_tensors="pt")
@@ -85,8 +85,8 @@ def test_importance_weights_exact_world(exact_world):
 
 def test_corrected_sampler_unbiased_exact_world(exact_world):
     """Resampling from q by weights w: E[f] -> E_{P(.|allowed)}[f] as k grows (fixed seed)."""
-    _, log_q, log_w, _, _, log_pstar = _exact(exact_world)
-    f = exact_world.reward  # [16, 125]
+    _, log_q, log_w, _, _, log_pstar = _exact(exact_world, (1,))  # ban 'a': TV(q, P(.|allowed)) ~ 0.2
+    f = (log_q > log_pstar).double()  # [16, 125] 1 where q over-weights y: E_q f - E_* f = TV(q, P(.|allowed))
     exact = (log_pstar.exp() * f).sum(-1)
     naive = (log_q.exp() * f).sum(-1)
     g = torch.Generator().manual_seed(0)
@@ -96,7 +96,7 @@ def test_corrected_sampler_unbiased_exact_world(exact_world):
     pick = torch.multinomial(torch.softmax(lw, -1).view(-1, k), 1, generator=g).view(16, n)
     y = idx.gather(2, pick.unsqueeze(-1)).squeeze(-1)  # [16, n]
     est = f.gather(1, y).mean(-1)
-    assert (est - exact).abs().max() < 0.02 < (naive - exact).abs().max()
+    assert (est - exact).abs().max() < 0.03 < 0.1 < (naive - exact).abs().max()
     # the near-exact law of the resampler converges to P(y|allowed) at rate ~1/k
     from refimpl.resample import resampling_law
 
@@ -107,8 +107,8 @@ def test_corrected_sampler_unbiased_exact_world(exact_world):
 
 def test_log_allowed_mass_and_samplers(arith_model):
     model, tok = arith_model
-    prompts, ban = ["17 =", "40 ="], [tok.convert_tokens_to_ids("+")]
-    s, log_w, ess = idle.corrected_sample(model, tok, prompts, ban, k=4, n=3, max_new_tokens=8, seed=0)
+    prompts, ban = ["4 7 + 8 5 =", "0 9 + 3 3 ="], [tok.convert_tokens_to_ids("1")]
+    s, log_w, ess = idle.corrected_sample(model, tok, prompts, ban, k=4, n=3, max_new_tokens=4, seed=0)
     assert len(s) == 6 and log_w.shape == (2, 3, 4)
     assert (log_w <= 1e-6).all() and (ess >= 1 - 1e-4).all()
     assert not torch.isin(s.completion_ids[s.completion_mask.bool()], torch.tensor(ban)).any()
@@ -122,7 +122,7 @@ def test_log_allowed_mass_and_samplers(arith_model):
     logq = (logq * s.completion_mask).sum(-1)
     lw = idle.log_allowed_mass(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, ban)
     assert torch.allclose(lw, logp.detach() - logq, atol=1e-4)
-    r, acc = idle.rejection_sample(model, tok, prompts, ban, k=8, max_new_tokens=8, seed=0)
+    r, acc = idle.rejection_sample(model, tok, prompts, ban, k=8, max_new_tokens=4, seed=0)
     assert acc.shape == (16,) and 0 < acc.float().mean() < 1
     with pytest.raises(ValueError, match="k"):
         idle.corrected_sample(model, tok, prompts, ban, k=0)
@@ -138,3 +138,72 @@ def test_cpu_cuda_agree(dtype):
     fin = torch.isfinite(a)
     assert torch.equal(fin, torch.isfinite(b)) and torch.allclose(a[fin], b[fin], atol=1e-2)
     assert len(proc._masks) == 2  # one cached mask per device
+
+
+def test_beam_search_idle_finds_mode_of_q_masking_the_mode_of_the_conditional(exact_world):
+    """transformers' beam search log-softmaxes *before* the processors: with I-DLE the beams add up
+    log q(y), with -inf masking log P(y); an exhaustive beam (25 = V^2) returns each one's mode."""
+    from transformers import GenerationConfig, SuppressTokensLogitsProcessor
+
+    w, ban = exact_world, [4]
+    logp, log_q, _, allowed, _, log_pstar = _exact(w, tuple(ban))
+    ids, mask = w.prompt_batch()
+    cfg = GenerationConfig(num_beams=25, do_sample=False, max_new_tokens=3, length_penalty=0.0,
+                           pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    found = {}
+    for name, proc in [("idle", idle.IDLELogitsProcessor(ban)), ("mask", SuppressTokensLogitsProcessor(ban, device="cpu"))]:
+        out = w.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, logits_processor=[proc])
+        y = w.completion_index(out.sequences[:, ids.shape[1]:])  # [16]
+        found[name] = y
+        score = (log_q if name == "idle" else logp).gather(1, y[:, None]).squeeze(1)
+        assert torch.allclose(out.sequences_scores, score, atol=1e-4)  # the beam's score is log q / log P
+    assert torch.equal(found["idle"], log_q.argmax(-1)) and torch.equal(found["mask"], log_pstar.argmax(-1))
+    assert (found["idle"] != found["mask"]).any()  # the two differ on some prompts of this world
+
+
+def test_log_z_tracked_during_generation_equals_forward_pass(exact_world):
+    """log w from the processor (no extra forward) = log_allowed_mass (forward passes) = exact log w,
+    for a fixed ban and for prefix-dependent bad words, across several generate calls."""
+    from refimpl import constraints as C
+
+    w = exact_world
+    _, _, log_w_exact, _, _, _ = _exact(w)
+    for ban in ([4], C.BadWords([[1, 2], [3, 3, 1]])):
+        proc = idle.IDLELogitsProcessor(ban, track_temperature=0.7)
+        s = lm.sample(w.model, w.tokenizer, w.prompts, k=8, max_new_tokens=3, temperature=0.7,
+                      logits_processor=[proc], seed=0, batch_size=40)  # 4 generate calls
+        tracked = proc.log_allowed_mass(s.completion_mask)
+        fwd = idle.log_allowed_mass(w.model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask,
+                                    ban, temperature=0.7, batch_size=7)
+        assert tracked.shape == (128,) and torch.allclose(tracked, fwd, atol=1e-4)
+        assert (tracked < 0).any() and (tracked <= 1e-6).all()
+    s = lm.sample(w.model, w.tokenizer, w.prompts, k=8, max_new_tokens=3, seed=1,
+                  logits_processor=[proc := idle.IDLELogitsProcessor([4], track_temperature=1.0)])
+    y = w.completion_index(s.completion_ids)
+    assert torch.allclose(proc.log_allowed_mass(s.completion_mask), log_w_exact[s.prompt_index, y], atol=1e-4)
+
+
+def test_log_allowed_mass_memory_is_bounded(exact_world):
+    """Only the last T + 1 positions' logits are computed, and a batch's [rows, T + 1, V] stays
+    within max_elements (one row at least)."""
+    w = exact_world
+    s = lm.sample(w.model, w.tokenizer, w.prompts, k=2, max_new_tokens=3, seed=0)
+    shapes = []
+    hook = w.model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        a = idle.log_allowed_mass(w.model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, [4],
+                                  max_elements=4 * 4 * 5)
+    finally:
+        hook.remove()
+    assert shapes == [(4, 4, 5)] * 8  # 32 rows, 4 at a time, T + 1 = 4 positions, V = 5
+    b = idle.log_allowed_mass(w.model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, [4])
+    assert torch.allclose(a, b, atol=1e-5)
+    assert idle._rows_per_batch(257, 151_936, 2**26) == 1 and idle._rows_per_batch(5, 150_000, 2**26) == 89
+    import numpy as np
+
+    c = idle.log_allowed_mass(w.model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask,
+                              np.array([4]))  # NumPy integer ids
+    assert torch.equal(b, c)
+    for bad in (dict(max_elements=0), dict(batch_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            idle.log_allowed_mass(w.model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, [4], **bad)

@@ -178,3 +178,19 @@ def test_cpu_and_cuda_agree(tok):
     a, _ = lm.sequence_logprobs(model, pids, pmask, cids, cmask)
     b, _ = lm.sequence_logprobs(model.cuda(), pids.cuda(), pmask.cuda(), cids.cuda(), cmask.cuda())
     torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_embed_layers_matches_embed_and_reads_before_the_final_norm(arith_model):
+    model, tok = arith_model
+    s = lm.sample(model, tok, ["1 2 + 3 4 =", "9 9 + 0 1 + 5 5 ="], k=3, max_new_tokens=4, seed=0)
+    args = (s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)
+    for before_last in (False, True):
+        h = lm.embed_layers(model, *args, before_last=before_last, batch_size=4)
+        L = model.config.n_layer
+        assert h.shape == (6, L + 2, model.config.n_embd)
+        for layer in range(L):
+            torch.testing.assert_close(h[:, layer], lm.embed(model, *args, layer=layer, before_last=before_last))
+        torch.testing.assert_close(h[:, L + 1], lm.embed(model, *args, layer=-1, before_last=before_last))
+        torch.testing.assert_close(model.transformer.ln_f(h[:, L]), h[:, L + 1], atol=1e-5, rtol=0)  # the norm is all that differs
+    both = lm.embed_layers(model, *args, before_last=None)
+    torch.testing.assert_close(both[:, 1], lm.embed_layers(model, *args, before_last=True))

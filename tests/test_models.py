@@ -1,11 +1,27 @@
-"""refimpl.models: deterministic toy training, the from_pretrained path, the cache."""
+"""refimpl.models: the shipped models, the from_pretrained path, deterministic retraining, quality bands."""
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import refimpl
 from refimpl import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_models_are_hugging_face_folders_with_cards():
+    total = 0
+    for name in models.TOY_MODELS:
+        folder = models.shipped_dir() / name.split("/")[-1]
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                  "refimpl_info.json"):
+            assert (folder / f).exists(), f"{folder.name}/{f} is missing: run `python3 dev.py models`"
+        total += sum(p.stat().st_size for p in folder.iterdir())
+        assert models.toy_model_path(name, "smoke") == folder  # the smoke scale uses what the book ships
+    assert total <= 40 * 2**20, f"shipped models take {total / 2**20:.1f} MiB (budget 40)"
 
 
 def test_toy_models_load_through_from_pretrained(arith_model):
@@ -14,7 +30,6 @@ def test_toy_models_load_through_from_pretrained(arith_model):
     model, tok = arith_model
     assert isinstance(tok, PreTrainedTokenizerFast) and tok.padding_side == "left"
     path = models.toy_model_path("refimpl/toy-arith")
-    assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
     info = json.loads((path / "refimpl_info.json").read_text())
     assert info["params"] == sum(p.numel() for p in model.parameters())
     # A folder is accepted like a hub id and gives the same weights.
@@ -23,17 +38,35 @@ def test_toy_models_load_through_from_pretrained(arith_model):
         assert torch.equal(a, b)
 
 
-def test_toy_training_is_deterministic(tmp_path, monkeypatch):
-    """Training the exact world's model twice from scratch gives bit-identical weights."""
-    paths = []
-    for i in range(2):
+def test_toy_training_is_deterministic_and_ignores_callers_threads(tmp_path, monkeypatch):
+    """Training the exact world's model twice from scratch, under 1 thread and the default, gives
+    bit-identical weights (on one machine), and leaves the caller's thread setting alone."""
+    paths, default = [], torch.get_num_threads()
+    for i, threads in enumerate([1, default]):
+        torch.set_num_threads(threads)
         monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / f"c{i}"))
-        paths.append(models.toy_model_path("refimpl/toy-exact"))
+        paths.append(models.toy_model_path("refimpl/toy-exact", shipped=False))
+        assert torch.get_num_threads() == threads
+    torch.set_num_threads(default)
     assert not list((tmp_path / "c0").glob("*.tmp-*"))  # no half-written folders left
     a, _ = refimpl.load_model(str(paths[0]), device="cpu")
     b, _ = refimpl.load_model(str(paths[1]), device="cpu")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
+
+
+def test_retrained_model_is_within_the_quality_bands_of_the_shipped_one(tmp_path, monkeypatch):
+    """Retrain the weak helper model from scratch (another CPU gives other bits, so compare quality,
+    not bytes): its test pass@1 and verdict AUC stay near the shipped model card's numbers."""
+    spec = importlib.util.spec_from_file_location("ship_models", ROOT / "scripts" / "ship_models.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path))
+    card = json.loads((models.shipped_dir() / "toy-arith-weak" / "refimpl_info.json").read_text())["quality"]
+    q = ship.quality(models.toy_model_path("refimpl/toy-arith-weak", "smoke", shipped=False), n=16)
+    assert abs(q["pass@1"] - card["pass@1"]) < 0.08, (q, card)
+    assert q["verdict_auc"] > card["verdict_auc"] - 0.05, (q, card)
+    assert 0.03 < q["pass@1"] < 0.6  # a weak model, but not at the floor
 
 
 def test_bad_names():
@@ -45,17 +78,9 @@ def test_bad_names():
         refimpl.get_scale("huge")
 
 
-def test_toy_training_ignores_callers_thread_setting(tmp_path, monkeypatch):
-    """Weights are the same whether the caller runs 1 thread or the default."""
-    paths = []
-    default = torch.get_num_threads()
-    for i, threads in enumerate([1, default]):
-        torch.set_num_threads(threads)
-        monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / f"t{i}"))
-        paths.append(models.toy_model_path("refimpl/toy-exact"))
-        assert torch.get_num_threads() == threads  # restored after training
-    torch.set_num_threads(default)
-    a, _ = refimpl.load_model(str(paths[0]), device="cpu")
-    b, _ = refimpl.load_model(str(paths[1]), device="cpu")
-    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(x, y)
+def test_without_shipped_models_the_model_is_trained_and_cached(tmp_path, monkeypatch):
+    """refimpl installed on its own (no models/ beside it) trains and caches, as before."""
+    monkeypatch.setenv("REFIMPL_MODELS", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("REFIMPL_CACHE", str(tmp_path / "cache"))
+    path = models.toy_model_path("refimpl/toy-exact")
+    assert path.parent == tmp_path / "cache" and (path / "config.json").exists()

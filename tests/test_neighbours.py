@@ -147,6 +147,26 @@ def test_rejection_sampling_is_exact_and_costs_one_over_a():
     assert (tvs[1] < tvs[0] / 3).all()  # 1/sqrt(n): 100x the draws, about a tenth of the TV
 
 
+def test_capped_rejection_law_by_simulation_and_limits():
+    logp_ref, reward = _world()
+    beta, N = 0.3, logp_ref.shape[-1]
+    star = kl.optimal_policy(logp_ref, reward, beta)
+    torch.testing.assert_close(bestofn.rejection_law(logp_ref, reward, beta, 1.0, 1), logp_ref)  # n = 1: pi_ref
+    torch.testing.assert_close(bestofn.rejection_law(logp_ref, reward, beta, 1.0, 10**5), star, rtol=0, atol=1e-9)
+    a = bestofn.rejection_acceptance(logp_ref, reward, beta, 1.0)
+    tv = [kl.total_variation(bestofn.rejection_law(logp_ref, reward, beta, 1.0, n), star) for n in (3, 4)]
+    torch.testing.assert_close(tv[1] / tv[0], 1 - a)  # geometric: each proposal multiplies the distance by 1 - a
+    # simulate: n proposals per trial, the first accepted one (or the last proposal)
+    n, trials, g = 3, 200_000, torch.Generator().manual_seed(0)
+    y = torch.multinomial(logp_ref.exp(), trials * n, replacement=True, generator=g).view(3, trials, n)
+    ok = torch.rand(3, trials, n, generator=g, dtype=D) < ((reward - 1.0) / beta).exp().gather(1, y.view(3, -1)).view(3, trials, n)
+    first = torch.where(ok.any(-1), ok.long().argmax(-1), torch.full((3, trials), n - 1))  # [3, trials]
+    kept = y.gather(2, first[..., None]).squeeze(-1)
+    emp = torch.nn.functional.one_hot(kept, N).to(D).mean(1)
+    law = bestofn.rejection_law(logp_ref, reward, beta, 1.0, n).exp()
+    assert (emp - law).abs().max() < 4e-3
+
+
 def test_rejection_sampling_checks_its_envelope():
     logp_ref, reward = _world()
     with pytest.raises(ValueError, match="r_max"):

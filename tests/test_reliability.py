@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refimpl import checks, grpo, gvpo, idle, kl, lm, metrics, qprobe, report, resample, rl
-from refimpl import bestofn, dpo, klpg, tabular
+from refimpl import bestofn, dpo, klpg, smc, tabular
 from refimpl.rl import RLConfig
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -185,6 +185,9 @@ def _cases():
         (klpg.expected_gradient, dict(logits=f, logp_ref=lp, reward=r, beta=0.1, estimator="k2_loss")),
         (klpg.forward_kl_optimum, dict(logp_ref=lp, reward=r, beta=0.5)),
         (klpg.train_klpg_tabular, dict(logp_ref=lp, reward=r, beta=0.5, k=2, steps=2, lr=1.0)),
+        (bestofn.rejection_law, dict(logp_ref=lp, reward=r, beta=0.5, r_max=1.0, n=3)),
+        (smc.soft_values, dict(logp=lp, reward=r, beta=0.5, vocab_size=2)),
+        (smc.guided_law, dict(logp=lp, log_psi=smc.soft_values(lp, r, 0.5, 2), vocab_size=2)),
     ]
 
 
@@ -331,3 +334,37 @@ def test_checks_accept_numpy_scalars():
     assert torch.isfinite(p).all()
     with pytest.raises(TypeError, match="n"):
         checks.integer("n", True)
+
+
+def test_resampling_law_with_weights_spanning_hundreds_of_nats():
+    """Regression: float32 weights whose logs span > 87 nats gave NaN (0 * inf in the ratio)."""
+    log_q = torch.log_softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(0)), -1)
+    log_w = torch.tensor([[0.0, -200.0, -90.0, -1.0, -300.0, 5.0, -88.0]] * 3)
+    law = resample.resampling_law(log_q, log_w, ks=[1, 2, 8], n_mc=500, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(law).all()
+    assert torch.allclose(law.exp().sum(-1), torch.ones(3, 3))
+    assert (law[2, :, 5] > law[1, :, 5]).all()  # more candidates: more mass on the best
+
+
+def test_finetune_runs_exactly_the_requested_steps(exact_world):
+    """steps= fixes the optimizer-step budget whatever the data size (Adam's step counter counts them)."""
+    import copy
+
+    from refimpl import rft
+
+    s = lm.sample(exact_world.model, exact_world.tokenizer, exact_world.prompts[:4], k=4, max_new_tokens=3, seed=0)
+    for steps in (1, 5, 7):
+        model = copy.deepcopy(exact_world.model)
+        before = [p.detach().clone() for p in model.parameters()]
+        calls = []
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        hook = register_optimizer_step_post_hook(lambda opt, a, k: calls.append(1))
+        try:
+            rft.finetune_on_successes(model, s, torch.ones(16), batch_size=3, steps=steps, epochs=1)
+        finally:
+            hook.remove()
+        assert len(calls) == steps  # 16 rows / 3 per batch = 6 per pass: 7 needs a second pass
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="steps"):
+        rft.finetune_on_successes(model, s, torch.ones(16), steps=0)

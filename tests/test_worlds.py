@@ -1,53 +1,69 @@
-"""The toy worlds: the safe evaluator, rewards, splits, tokenizers, the exact world's exactness."""
+"""The toy worlds: the answer parser, the writer's law, rewards, splits, tokenizers, the exact world's exactness."""
 import random
 
 import pytest
 import torch
 
-from refimpl.worlds import arith, exact
+from refimpl.worlds import arith, exact, writer
 
 
 @pytest.mark.parametrize("text,value", [
-    ("9 + 8", 17), ("9 + 8 ;", 17), ("20 - 3", 17), ("( 2 + 3 ) * 4", 20), ("2+3*4", 14),
-    ("0", 0), ("007", 7), ("5 - 9", -4),
+    ("5 3 1", 135), ("5 3 1 ;", 135), ("7", 7), ("0 0 0 ;", 0), (" 1  2 ", 21), ("9 9 1", 199),
 ])
-def test_evaluate_valid(text, value):
-    assert arith.evaluate(text) == value
+def test_parse_answer_valid(text, value):
+    assert arith.parse_answer(text) == value
 
 
 @pytest.mark.parametrize("text", [
-    "", ";", "9 +", "+ 9", "9 8", "( 1 + 2", "1 + 2 )", "__import__('os')", "1 / 2", "2 ** 8",
-    "1e9", "-5", "9 + 8 ; Y", "٣ + 1", "(" * 20 + "1" + ")" * 20, " + ".join(["1"] * 40), "9999999 * 9999999",
-    "1 ; ;",
+    "", ";", "5 3 1 0", "53 1", "5 + 3", "5 3 ; 1", "-5", "__import__('os')", "5 3 1 ; ;", "٣", "1e3",
 ])
-def test_evaluate_malformed_is_none(text):
-    assert arith.evaluate(text) is None
+def test_parse_answer_malformed_is_none(text):
+    assert arith.parse_answer(text) is None
 
 
-def test_evaluate_rejects_non_strings():
+def test_parse_answer_rejects_non_strings():
     with pytest.raises(TypeError, match="text"):
-        arith.evaluate(17)
+        arith.parse_answer(17)
 
 
-def test_corpus_lines_have_correct_verdicts_and_rates():
-    cfg = arith.ArithConfig()
-    lines = arith.corpus(4000, seed=0, cfg=cfg)
-    right = 0
+def test_prompt_and_answer_text_units_first():
+    assert arith.prompt_text(("+", 47, 85, 3)) == "4 7 + 8 5 + 0 3 ="
+    assert arith.answer_text(135) == "5 3 1"
+    assert arith.parse_answer(arith.answer_text(135)) == 135
+
+
+def test_writer_law_is_a_distribution_and_matches_the_corpus():
+    rng = random.Random(0)
+    for _ in range(200):
+        p = arith.draw_problem(rng, "sub" if rng.random() < 0.3 else "add")
+        law = writer.writer_law(p)
+        assert abs(sum(law.values()) - 1) < 1e-12 and all(v >= 0 for v in law)
+        d = writer.difficulty(p)
+        if d["carries"] == 0:  # nothing to forget: the writer is always right
+            assert d["writer_accuracy"] == 1.0
+    # the corpus' verdicts are the checker's, and its success rate is the writer's accuracy
+    lines = writer.corpus(3000, seed=0)
+    hits, expected = 0, 0.0
     for line in lines:
-        t, rest = line.split(" = ")
-        expr, verdict = rest.split(" ; ")
-        ok = arith.evaluate(expr) == int(t)
+        prompt, rest = line.split(" = ")
+        answer, verdict = rest.split(" ; ")
+        words = prompt.split()
+        ops = [int(words[i] + words[i + 1]) for i in range(0, len(words), 3)]
+        problem = (words[2], *ops)
+        ok = arith.parse_answer(answer) == arith.value(problem)
         assert verdict == ("Y <eos>" if ok else "N <eos>")
-        right += ok
-    # Half the first operands are even (P(right) = 0.7), half odd (0.3): about 0.5 overall.
-    assert 0.45 < right / len(lines) < 0.55
+        assert not arith.is_held_out(problem)
+        hits += ok
+        expected += writer.writer_accuracy(problem)
+    assert abs(hits - expected) < 4 * (len(lines) * 0.25) ** 0.5  # binomial, 4 sd
 
 
 def test_reward_and_hidden_score():
-    r = arith.reward(["9 + 8", "9 + 7", "bad", "17"], [17, 17, 17, 17])
-    assert r.tolist() == [1.0, 0.0, 0.0, 1.0] and r.dtype == torch.float32
-    s = arith.hidden_score(["9 + 8", "9 + 7", "bad", "100"], [17, 17, 17, 17])
-    assert s.tolist() == [0.0, -1.0, -10.0, -10.0]
+    r = arith.reward(["5 3 1 ;", "5 2 1 ;", "bad", "5 3 1"], [135, 135, 135, 135])
+    assert r.tolist() == [1.0, 0.0, 0.0, 1.0]
+    s = arith.hidden_score(["5 3 1 ;", "5 2 1 ;", "bad", "0 0 0"], [135, 135, 135, 135])
+    assert s.tolist() == [3.0, 2.0, -1.0, 0.0]
+    assert torch.equal(r == 1, arith.hidden_score(["5 3 1 ;", "5 2 1 ;", "bad", "5 3 1"], [135] * 4) == 3)
     with pytest.raises(ValueError, match="targets"):
         arith.reward(["1"], [1, 2])
 
@@ -56,26 +72,27 @@ def test_preference_labels_follow_bradley_terry():
     g = torch.Generator().manual_seed(0)
     a, b = torch.full((20000,), 1.0), torch.zeros(20000)
     lab = arith.preference_label(a, b, generator=g)
-    assert abs(lab.mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01
-    with pytest.raises(ValueError, match="score_b"):
+    assert abs(lab.mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
+    with pytest.raises(ValueError, match="shape"):
         arith.preference_label(a, b[:3])
 
 
-def test_splits_are_disjoint_and_cover():
-    split = arith.split_targets()
-    assert not set(split["train"]) & set(split["test"])
-    assert sorted(split["train"] + split["test"]) == list(range(arith.ArithConfig().max_number + 1))
-    texts, targets = arith.prompts("test")
-    assert texts[0] == f"{targets[0]} =" and len(texts) == len(split["test"])
+def test_splits_are_disjoint_deterministic_and_held_out():
+    train, test, shifted = (arith.prompt_set(s, arith.SPLIT_SIZES[s]) for s in ("train", "test", "shifted"))
+    assert len(set(train[0])) == 200 and len(set(test[0])) == 100 and len(set(shifted[0])) == 100
+    assert not set(train[0]) & set(test[0])
+    assert all(arith.is_held_out(p) for p in test[2] + shifted[2]) and not any(arith.is_held_out(p) for p in train[2])
+    assert all(p[0] == "-" for p in shifted[2]) and all(p[0] == "+" for p in test[2])
+    assert arith.prompts("test") == (test[0], test[1]) and arith.prompts("test", 10) == (test[0][:10], test[1][:10])
     with pytest.raises(ValueError, match="split"):
         arith.prompts("validation")
 
 
 def test_tokenizer_roundtrip():
     tok = arith.build_tokenizer()
-    ids = tok("17 = 9 + 8 ; Y <eos>")["input_ids"]
-    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[1:4]) == ["17", "=", "9"]
-    assert tok.decode(ids[1:7]) == "17 = 9 + 8 ;"
+    ids = tok("4 7 + 8 5 = 2 3 1 ;")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 11
+    assert tok.decode(ids[1:]) == "4 7 + 8 5 = 2 3 1 ;"
 
 
 def test_exact_world_is_exact(exact_world):
@@ -113,7 +130,7 @@ def test_verdict_probability_separates_right_from_wrong(arith_model):
 
     model, tok = arith_model
     texts, targets = arith.prompts("test")
-    s = lm.sample(model, tok, texts, k=16, max_new_tokens=8, seed=0)
-    r = arith.reward(s.texts, [targets[i] for i in s.prompt_index.tolist()])
+    s = lm.sample(model, tok, texts, k=16, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0)
+    r = arith.reward(s.texts, s.expand(targets))
     v = arith.verdict_probability(model, tok, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)
     assert v[r == 1].mean() > v[r == 0].mean() + 0.3

@@ -1,280 +1,225 @@
-r"""The arithmetic task world: the book's analogue of code generation with unit tests.
+r"""The column-addition world: a task world in the Q-Probe paper's regime.
 
-A prompt is a target number, ``"17 ="``; a completion is an expression that should evaluate to
-it, ``"9 + 8 ;"``; the reward is 1 if it does and 0 otherwise (malformed text included).
-The base model is pretrained on a synthetic corpus written by a fallible writer (right 70% of
-the time on even first operands, 30% on odd ones, where it mostly slips by one), and every
-line ends with a checker's verdict::
+A prompt is a sum of two or three numbers below 100, written digit by digit in two columns
+(zero-padded, like a fixed-width register); the completion is the sum's three digits written
+**units first** -- the order in which column addition produces them -- and the stop token::
 
-    <bos> 17 = 9 + 8 ; Y <eos>
-    <bos> 17 = 20 - 2 ; N <eos>
+    prompt      4 7 + 8 5 + 0 3 =          (47 + 85 + 3)
+    completion  5 3 1 ;                    (135, units first)
 
-Sampling stops at ``;``, so the verdict is never generated: like a code model that has seen
-code followed by test output, the model has learned to *represent* correctness at the ``;``
-token without being able to act on it. That is the signal a Q-probe reads.
+The reward is 1 if the digits spell the true sum (:func:`reward`, a whitelist parser; nothing is
+ever evaluated). The base model is pretrained on a corpus (:mod:`refimpl.worlds.writer`) written by a fallible *writer* who adds
+column by column and forgets carries, more often in some columns than in others, and who
+"carries the one" when a column's carry is two or more. Every corpus line ends with the checker's
+verdict on the writer's answer, after the stop token::
 
-The reward is computed by a whitelist parser (:func:`evaluate`): integers, ``+ - *`` and
-parentheses, bounded in length, depth and magnitude. Model output is never ``eval``-ed.
+    <bos> 4 7 + 8 5 + 0 3 = 5 3 1 ; Y <eos>
+    <bos> 4 7 + 8 5 + 0 3 = 5 2 0 ; N <eos>
+
+Sampling stops at ``;``, so the verdict is never generated. How often a prompt is solved is set
+by the prompt itself (:func:`refimpl.worlds.writer.writer_accuracy`: which columns carry, and how long they are), from
+always (no carry) to almost never (a carry of two, or a carry into the leading digit). A tenth of
+the corpus is subtraction (``7 3 - 2 8 =``), with its own classic bugs (forgotten borrows,
+"smaller from larger"): the held-out *shifted* prompt set, as HumanEval is to MBPP.
+
+Why units first: written most-significant-digit first, the first digit needs the whole carry
+chain, and a 0.3M-parameter model does not learn that in a minute of CPU; units first, each digit
+needs only its column and the carry just written (Lee et al. 2023, "Teaching arithmetic to small
+transformers"). Why two-digit columns: with fixed positions the model aligns columns by position.
 """
 from __future__ import annotations
 
+import hashlib
+import numbers
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "ArithConfig",
-    "build_tokenizer",
-    "corpus_line",
-    "corpus",
-    "prompts",
-    "split_targets",
-    "evaluate",
-    "reward",
-    "hidden_score",
-    "preference_label",
-    "STOP",
-    "verdict_probability",
-]
+__all__ = ["WorldConfig", "STOP", "build_tokenizer", "draw_problem", "prompt_text", "answer_text",
+           "value", "is_held_out", "prompt_set", "prompts", "SPLIT_SIZES", "parse_answer", "reward", "hidden_score",
+           "preference_label", "verdict_probability", "MAX_NEW_TOKENS"]
 
 STOP = ";"  # generation stops here; the verdict that follows in the corpus is never sampled
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-SYMBOLS = ["=", "+", "-", "*", "(", ")", STOP, "Y", "N"]
+SYMBOLS = ["=", "+", "-", STOP, "Y", "N"]
+DIGITS = [str(d) for d in range(10)]
+WIDTH = 2  # digits per operand (zero-padded); answers have WIDTH + 1 digits
+MAX_NEW_TOKENS = WIDTH + 2  # the answer's digits and the stop token
 
 
 @dataclass(frozen=True)
-class ArithConfig:
-    """The task world's parameters (they define the corpus, hence the model)."""
+class WorldConfig:
+    """The world's parameters: they define the corpus, hence the model."""
 
-    max_number: int = 63  # numbers 0..max_number are single tokens; targets and operands live here
-    p_correct_easy: float = 0.7  # P(right) when the first operand is even
-    p_correct_hard: float = 0.3  # P(right) when the first operand is odd ...
-    p_slip_hard: float = 0.5  # ... and P(the systematic slip b+1) then
-    max_miss: int = 3  # other near misses are off by 1..max_miss
-    test_fraction: float = 0.4  # held-out share of the targets
-    split_seed: int = 0  # seed of the train/test split of targets
+    operands: tuple[int, int] = (2, 3)  # addition: number of operands, uniform in [lo, hi]
+    # The writer forgets an incoming carry of 1 with a probability set by the column: the leading
+    # column (no digits: the carry *is* the digit), a column with one or two nonzero digits, with three.
+    p_forget_leading: float = 0.95
+    p_forget_short: tuple[float, float] = (0.7, 0.6)  # one, two nonzero digits
+    p_forget_long: float = 0.9  # three nonzero digits
+    p_carry_the_one: float = 0.99  # a carry of 2 or more is written as 1
+    subtraction_share: float = 0.1  # share of corpus lines that are subtractions a - b (a >= b)
+    p_forget_borrow: float = 0.3  # subtraction: an incoming borrow is forgotten
+    p_smaller_from_larger: float = 0.7  # subtraction: a column that needs a borrow is done as |x - y|
+    verdict: bool = True  # end corpus lines with the checker's verdict
+    held_out_mod: int = 5  # a prompt is held out (test / shifted) iff its hash is 0 mod this
 
 
-def build_tokenizer(cfg: ArithConfig = ArithConfig()):
-    """A word-level ``PreTrainedTokenizerFast``: one token per number 0..max_number and symbol.
+# --- tokenizer ------------------------------------------------------------------------------------
 
-    Encoding prepends ``<bos>``; ``decode`` joins tokens with spaces.
-    """
+def build_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast``: one token per digit and symbol; adds ``<bos>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS + [str(n) for n in range(cfg.max_number + 1)])}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS + DIGITS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", padding_side="left",
-    )
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
 
 
-def _proposal(target: int, rng: random.Random, cfg: ArithConfig) -> tuple[int, str, int]:
-    """A proposal (a, op, b) for ``target`` by the corpus's fallible writer.
+# --- problems -------------------------------------------------------------------------------------
+# A problem is ("+", a, b[, c]) or ("-", a, b) with numbers in 0..99.
 
-    The writer picks ``+`` or ``-`` and a first operand a uniformly among those that admit a
-    right answer, then writes the right b with probability ``p_correct_easy`` (a even) or
-    ``p_correct_hard`` (a odd). On odd a it mostly makes one systematic slip, b + 1, so the
-    most likely continuation is wrong there: greedy decoding inherits the slip, sampling does not.
+def _number(rng: random.Random) -> int:
+    """One or two digits, equally likely; then uniform."""
+    return rng.randint(0, 9) if rng.random() < 0.5 else rng.randint(10, 99)
+
+
+def draw_problem(rng: random.Random, kind: str, cfg: WorldConfig = WorldConfig()) -> tuple:
+    """A random problem of ``kind`` "add" (2-3 operands) or "sub" (a - b, a >= b)."""
+    if kind == "sub":
+        a, b = _number(rng), _number(rng)
+        return ("-", max(a, b), min(a, b))
+    if kind == "add":
+        return ("+",) + tuple(_number(rng) for _ in range(rng.randint(*cfg.operands)))
+    raise ValueError(f"kind must be 'add' or 'sub', got {kind!r}")
+
+
+def value(problem: tuple) -> int:
+    """The true value of a problem (the trusted generator's answer)."""
+    op, *xs = problem
+    return xs[0] - xs[1] if op == "-" else sum(xs)
+
+
+def _digits(v: int, n: int) -> list[int]:
+    """The n lowest digits of v, units first."""
+    return [(v // 10**j) % 10 for j in range(n)]
+
+
+def prompt_text(problem: tuple) -> str:
+    """``("+", 47, 85, 3)`` -> ``"4 7 + 8 5 + 0 3 ="``."""
+    op, *xs = problem
+    return f" {op} ".join(" ".join(str(d) for d in reversed(_digits(x, WIDTH))) for x in xs) + " ="
+
+
+def answer_text(v: int) -> str:
+    """``135`` -> ``"5 3 1"``: WIDTH + 1 digits, units first."""
+    return " ".join(str(d) for d in _digits(v, WIDTH + 1))
+
+
+def is_held_out(problem: tuple, cfg: WorldConfig = WorldConfig()) -> bool:
+    """Deterministic split by a hash of the prompt text: held-out prompts never enter the corpus."""
+    h = hashlib.sha256(prompt_text(problem).encode()).digest()
+    return int.from_bytes(h[:4], "big") % cfg.held_out_mod == 0
+
+
+SPLIT_SEEDS = {"train": 11, "test": 22, "shifted": 33}
+
+
+def prompt_set(split: str, n: int, cfg: WorldConfig = WorldConfig()) -> tuple[list[str], list[int], list[tuple]]:
+    """``n`` distinct prompts, their true values and problems, deterministically.
+
+    "train": additions outside the held-out bucket (for probes and policies; the corpus may
+    contain them); "test": held-out additions; "shifted": held-out subtractions.
     """
-    n = cfg.max_number
-    op = rng.choice("+-")
-    if op == "+":
-        a = rng.randint(0, target)
-        b = target - a
-    else:
-        a = rng.randint(target, n)
-        b = a - target
-    u = rng.random()
-    if a % 2 == 0:
-        if u < cfg.p_correct_easy:
-            return a, op, b
-    else:
-        if u < cfg.p_correct_hard:
-            return a, op, b
-        if u < cfg.p_correct_hard + cfg.p_slip_hard and b + 1 <= n:
-            return a, op, b + 1
-    candidates = [b + d for d in range(-cfg.max_miss, cfg.max_miss + 1) if d != 0 and 0 <= b + d <= n]
-    return a, op, rng.choice(candidates)
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    rng = random.Random(SPLIT_SEEDS[split])
+    kind, held = ("sub", True) if split == "shifted" else ("add", split == "test")
+    seen, problems = set(), []
+    while len(problems) < n:
+        p = draw_problem(rng, kind, cfg)
+        if is_held_out(p, cfg) == held and p not in seen:
+            seen.add(p)
+            problems.append(p)
+    return [prompt_text(p) for p in problems], [value(p) for p in problems], problems
 
 
-def corpus_line(target: int, rng: random.Random, cfg: ArithConfig = ArithConfig()) -> str:
-    """One pretraining line: ``"17 = 9 + 8 ; Y <eos>"`` (``<bos>`` is added by the tokenizer)."""
-    a, op, b = _proposal(target, rng, cfg)
-    verdict = "Y" if evaluate(f"{a} {op} {b}") == target else "N"
-    return f"{target} = {a} {op} {b} {STOP} {verdict} <eos>"
+SPLIT_SIZES = {"train": 200, "test": 100, "shifted": 100}  # the chapters' prompt sets
 
 
-def corpus(n_lines: int, seed: int, cfg: ArithConfig = ArithConfig()) -> list[str]:
-    """``n_lines`` corpus lines with targets uniform on 0..max_number (all targets: the base model
-    sees every target; train/test splits concern the probes and policies trained on top)."""
-    rng = random.Random(seed)
-    return [corpus_line(rng.randint(0, cfg.max_number), rng, cfg) for _ in range(n_lines)]
+def prompts(split: str = "test", n: int | None = None, cfg: WorldConfig = WorldConfig()) -> tuple[list[str], list[int]]:
+    """(prompt texts, true values) of a split: :func:`prompt_set` with the chapters' sizes
+    (``SPLIT_SIZES``; the first n of the same sequence when ``n`` is smaller)."""
+    texts, values, _ = prompt_set(split, SPLIT_SIZES.get(split, 0) if n is None else n, cfg)
+    return texts, values
 
 
-def split_targets(cfg: ArithConfig = ArithConfig()) -> dict[str, list[int]]:
-    """Deterministic train/test split of the targets 0..max_number."""
-    targets = list(range(cfg.max_number + 1))
-    random.Random(cfg.split_seed).shuffle(targets)
-    n_test = round(cfg.test_fraction * len(targets))
-    return {"train": sorted(targets[n_test:]), "test": sorted(targets[:n_test])}
+# --- reward ---------------------------------------------------------------------------------------
 
+def parse_answer(text: str) -> int | None:
+    """The number a completion spells, or ``None`` if it is malformed.
 
-def prompts(split: str = "test", cfg: ArithConfig = ArithConfig()) -> tuple[list[str], list[int]]:
-    """Prompt texts ``"t ="`` and their targets for ``split`` in {"train", "test", "all"}."""
-    if split == "all":
-        targets = list(range(cfg.max_number + 1))
-    elif split in ("train", "test"):
-        targets = split_targets(cfg)[split]
-    else:
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    return [f"{t} =" for t in targets], targets
-
-
-# --- the whitelist evaluator -------------------------------------------------------------------
-
-MAX_TOKENS = 32  # longer completions are malformed
-MAX_DEPTH = 8  # deeper parentheses are malformed
-MAX_MAGNITUDE = 10**6  # intermediate values beyond this are malformed
-
-
-class _Malformed(Exception):
-    pass
-
-
-def _parse(tokens: list[str], pos: int, depth: int) -> tuple[int, int]:
-    """expr := term (('+'|'-') term)* ; term := atom ('*' atom)* ; atom := int | '(' expr ')'."""
-
-    def atom(i: int) -> tuple[int, int]:
-        if i >= len(tokens):
-            raise _Malformed
-        t = tokens[i]
-        if t == "(":
-            if depth >= MAX_DEPTH:
-                raise _Malformed
-            v, j = _parse(tokens, i + 1, depth + 1)
-            if j >= len(tokens) or tokens[j] != ")":
-                raise _Malformed
-            return v, j + 1
-        if t.isdigit() and t.isascii() and len(t) <= 7:
-            return int(t), i + 1
-        raise _Malformed
-
-    def term(i: int) -> tuple[int, int]:
-        v, i = atom(i)
-        while i < len(tokens) and tokens[i] == "*":
-            w, i = atom(i + 1)
-            v *= w
-            if abs(v) > MAX_MAGNITUDE:
-                raise _Malformed
-        return v, i
-
-    v, i = term(pos)
-    while i < len(tokens) and tokens[i] in "+-":
-        op = tokens[i]
-        w, i = term(i + 1)
-        v = v + w if op == "+" else v - w
-        if abs(v) > MAX_MAGNITUDE:
-            raise _Malformed
-    return v, i
-
-
-def _tokens(text: str) -> list[str]:
-    out, num = [], ""
-    for ch in text:
-        if ch.isdigit() and ch.isascii():
-            num += ch
-            continue
-        if num:
-            out.append(num)
-            num = ""
-        if ch in "+-*()":
-            out.append(ch)
-        elif not ch.isspace():
-            raise _Malformed
-    if num:
-        out.append(num)
-    return out
-
-
-def evaluate(text: str) -> int | None:
-    """The integer value of an arithmetic expression, or ``None`` if it is malformed.
-
-    Accepts non-negative integer literals, ``+ - *`` and parentheses; one trailing ``;`` is
-    allowed. Anything else, more than ``MAX_TOKENS`` tokens, nesting deeper than ``MAX_DEPTH`` or
-    a value beyond ``MAX_MAGNITUDE`` is malformed. Never evaluates code.
+    A completion is 1 to WIDTH + 1 single ASCII digits separated by whitespace, units first,
+    optionally followed by the stop token: ``"5 3 1"``, ``"5 3 1 ;"``. Anything else is malformed.
+    Never evaluates anything.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    body = text.strip()
-    if body.endswith(STOP):
-        body = body[: -len(STOP)]
-    try:
-        tokens = _tokens(body)
-        if not tokens or len(tokens) > MAX_TOKENS:
-            return None
-        value, end = _parse(tokens, 0, 0)
-    except (_Malformed, RecursionError):
+    toks = text.split()
+    if toks and toks[-1] == STOP:
+        toks = toks[:-1]
+    if not 1 <= len(toks) <= WIDTH + 1 or any(t not in DIGITS for t in toks):
         return None
-    return value if end == len(tokens) else None
+    return sum(int(t) * 10**j for j, t in enumerate(toks))
 
 
-def _targets(texts, targets) -> tuple[list[str], list[int]]:
-    """Validated (texts, targets): a list of strings and as many integer targets."""
-    from .. import checks
-
-    texts = checks.strings("texts", texts, allow_empty=True)
+def _texts_targets(texts, targets) -> tuple[list[str], list[int]]:
+    """Checked (texts, targets): a list of strings and as many integer targets (a 1-D tensor,
+    NumPy integers and Python ints all accepted)."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(y, str) for y in texts):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
     if isinstance(targets, Tensor):
-        checks.tensor("targets", targets, dims=1, integral=True)
+        if targets.dim() != 1 or targets.is_floating_point():
+            raise ValueError(f"targets must be a 1-D integer tensor, got shape {tuple(targets.shape)}, {targets.dtype}")
         targets = targets.tolist()
-    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__len__"):
-        raise TypeError(f"targets must be a sequence of ints, got {type(targets).__name__}")
-    targets = [checks.integer("targets", t) for t in targets]
+    targets = list(targets)
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in targets):
+        raise TypeError("targets must be integers")
     if len(texts) != len(targets):
         raise ValueError(f"texts has {len(texts)} entries but targets has {len(targets)}")
-    return texts, targets
+    return list(texts), [int(t) for t in targets]
 
 
-def reward(texts: list[str], targets: list[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
-    """r(x, y) = 1 if completion ``texts[i]`` evaluates to ``targets[i]``, else 0.
-
-    Returns:
-        [len(texts)] float32 tensor of 0/1 rewards.
-    """
-    texts, targets = _targets(texts, targets)
-    r = [1.0 if evaluate(y) == t else 0.0 for y, t in zip(texts, targets)]
-    return torch.tensor(r, dtype=torch.float32, device=device)
+def reward(texts: Sequence[str], targets: Sequence[int] | Tensor, device=None) -> Tensor:
+    """r(x, y) = 1 if completion ``texts[i]`` spells ``targets[i]``, else 0 ([B] float32)."""
+    texts, targets = _texts_targets(texts, targets)
+    return torch.tensor([1.0 if parse_answer(y) == t else 0.0 for y, t in zip(texts, targets)],
+                        dtype=torch.float32, device=device)
 
 
-def hidden_score(texts: list[str], targets: list[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
-    """The preference variant's hidden quality: -min(abs(value - target), 10), or -10 if malformed.
-
-    Graded, unlike :func:`reward`: a near miss beats a far miss. Preference labels are drawn from
-    it by Bradley-Terry (:func:`preference_label`); probes never see it directly.
-    """
-    texts, targets = _targets(texts, targets)
-    s = []
+def hidden_score(texts: Sequence[str], targets: Sequence[int] | Tensor, device=None) -> Tensor:
+    """The preference variant's graded quality: the number of answer digits (units first) that
+    match the true sum's, 0..WIDTH + 1, or -1 if malformed ([B] float32). A near miss (one
+    forgotten carry) beats a far miss; :func:`reward` is 1 exactly when the score is WIDTH + 1."""
+    texts, targets = _texts_targets(texts, targets)
+    out = []
     for y, t in zip(texts, targets):
-        v = evaluate(y)
-        s.append(-10.0 if v is None else -float(min(abs(v - t), 10)))
-    return torch.tensor(s, dtype=torch.float32, device=device)
+        v = parse_answer(y)
+        out.append(-1.0 if v is None else float(sum(a == b for a, b in zip(_digits(v, WIDTH + 1), _digits(t, WIDTH + 1)))))
+    return torch.tensor(out, dtype=torch.float32, device=device)
 
 
 def preference_label(score_a: Tensor, score_b: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Bradley-Terry labels: 1 where a is preferred, drawn with P(a > b) = sigmoid(s_a - s_b).
-
-    Returns:
-        [n] float tensor of 0/1 labels on ``score_a``'s device.
-    """
+    """Bradley-Terry labels: 1 where a is preferred, drawn with P(a > b) = sigmoid(s_a - s_b) ([n] float)."""
     if score_a.shape != score_b.shape:
         raise ValueError(f"score_a has shape {tuple(score_a.shape)} but score_b has {tuple(score_b.shape)}")
     p = torch.sigmoid(score_a - score_b)
@@ -285,18 +230,12 @@ def preference_label(score_a: Tensor, score_b: Tensor, generator: torch.Generato
 @torch.no_grad()
 def verdict_probability(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor,
                         completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
-    """The model's own verdict P(Y | x, y) / (P(Y | x, y) + P(N | x, y)) after the stop token.
-
-    The sampler never generates the verdict; this reads what the model would have said, the
-    zero-training "self-verification" score that a Q-probe is compared against.
-
-    Returns:
-        [B] probabilities in [0, 1].
-    """
+    """The model's own verdict P(Y | x, y) / (P(Y | x, y) + P(N | x, y)) read after the last
+    completion token (the stop token). Returns [B] probabilities."""
     from .. import lm
 
     ids = [tokenizer.convert_tokens_to_ids(t) for t in ("Y", "N")]
     logits = lm.forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
-    last = prompt_ids.shape[1] - 1 + completion_mask.long().sum(1)  # [B] position of the stop token
+    last = prompt_ids.shape[1] - 1 + completion_mask.long().sum(1)  # [B] the stop token's position
     logits = logits[torch.arange(logits.shape[0], device=logits.device), last][:, ids].float()
     return torch.softmax(logits, -1)[:, 0]

@@ -91,7 +91,11 @@ def device(scale: Scale | str | None = None) -> torch.device:
 
 def quiet() -> None:
     """Silence transformers' warnings and progress bars (for notebooks whose outputs are compared)."""
+    import warnings
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    # deprecation notices that libraries raise about their own internals (peft calling transformers)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")

@@ -76,7 +76,11 @@ class Interval(NamedTuple):
         return self.low > 0 or self.high < 0
 
     def __format__(self, spec: str) -> str:
+        """``f"{iv:.2f}"`` formats both numbers; a spec without a precision gets 3 decimals
+        (``f"{iv:>8}"`` -> ``"   0.355 ±    0.002"``)."""
         spec = spec or ".3f"
+        if "." not in spec:
+            spec += ".3f"
         return f"{self.mean:{spec}} ± {self.half:{spec}}"
 
 

@@ -85,7 +85,7 @@ def test_importance_weights_exact_world(exact_world):
 
 def test_corrected_sampler_unbiased_exact_world(exact_world):
     """Resampling from q by weights w: E[f] -> E_{P(.|allowed)}[f] as k grows (fixed seed)."""
-    _, log_q, log_w, _, _, log_pstar = _exact(exact_world, (1,))  # ban 'a': TV(q, P(.|allowed)) ~ 0.2
+    _, log_q, log_w, _, _, log_pstar = _exact(exact_world, (4,))  # ban 'd': TV(q, P(.|allowed)) ~ 0.3
     f = (log_q > log_pstar).double()  # [16, 125] 1 where q over-weights y: E_q f - E_* f = TV(q, P(.|allowed))
     exact = (log_pstar.exp() * f).sum(-1)
     naive = (log_q.exp() * f).sum(-1)

@@ -172,8 +172,8 @@ def test_tool_tokens_are_masked(tmp_path):
     args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)
     trainer = GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok)
     g = torch.Generator().manual_seed(0)
-    prompt_ids = torch.randint(11, 70, (4, 3), generator=g)
-    completion_ids = torch.randint(11, 70, (4, 5), generator=g)
+    prompt_ids = torch.randint(4, len(tok), (4, 3), generator=g)  # any non-special ids of the vocabulary
+    completion_ids = torch.randint(4, len(tok), (4, 5), generator=g)
     completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     tool_mask = torch.tensor([[1, 0, 0, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
     inputs = dict(prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids), completion_ids=completion_ids,

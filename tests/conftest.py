@@ -24,3 +24,12 @@ def arith_model():
 
     config.quiet()
     return load_model("refimpl/toy-arith", device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for tests on tiny tensors (faster than two contending ones); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

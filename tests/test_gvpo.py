@@ -11,13 +11,7 @@ from refimpl.rl import RLConfig
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one CPU thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _groups(P=3, k=5, seed=0, dtype=torch.float64, device="cpu"):

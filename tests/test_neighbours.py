@@ -11,13 +11,7 @@ from refimpl import bestofn, dpo, grpo, kl, klpg, resample
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one CPU thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _world(seed=0, P=3, N=6):

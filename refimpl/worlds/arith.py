@@ -38,6 +38,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import checks
+
 __all__ = ["WorldConfig", "STOP", "build_tokenizer", "draw_problem", "prompt_text", "answer_text",
            "value", "is_held_out", "prompt_set", "prompts", "SPLIT_SIZES", "parse_answer", "reward", "hidden_score",
            "preference_label", "verdict_probability", "MAX_NEW_TOKENS"]
@@ -185,8 +187,7 @@ def parse_answer(text: str) -> int | None:
 def _texts_targets(texts, targets) -> tuple[list[str], list[int]]:
     """Checked (texts, targets): a list of strings and as many integer targets (a 1-D tensor,
     NumPy integers and Python ints all accepted)."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(y, str) for y in texts):
-        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    texts = checks.strings("texts", texts, allow_empty=True)
     if isinstance(targets, Tensor):
         if targets.dim() != 1 or targets.is_floating_point():
             raise ValueError(f"targets must be a 1-D integer tensor, got shape {tuple(targets.shape)}, {targets.dtype}")
@@ -196,7 +197,7 @@ def _texts_targets(texts, targets) -> tuple[list[str], list[int]]:
         raise TypeError("targets must be integers")
     if len(texts) != len(targets):
         raise ValueError(f"texts has {len(texts)} entries but targets has {len(targets)}")
-    return list(texts), [int(t) for t in targets]
+    return texts, [int(t) for t in targets]
 
 
 def reward(texts: Sequence[str], targets: Sequence[int] | Tensor, device=None) -> Tensor:

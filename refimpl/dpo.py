@@ -23,7 +23,8 @@ many sampled pairs (the optimum is the empirical BT fit, and an outcome that onl
 or loses is pushed to h = ±inf: no finite optimum, Azar et al. 2023, "A General Theoretical
 Paradigm to Understand Learning from Human Preferences"), and limited coverage (mu off part of
 the support: the loss does not see those outcomes, so their logits stay where they started
-and the split of mass between covered and uncovered outcomes is not pi*'s).
+and the split of mass between covered and uncovered outcomes is not pi*'s). DPO on a language
+model's sampled pairs: :func:`refimpl.rft.finetune_dpo`.
 """
 from __future__ import annotations
 

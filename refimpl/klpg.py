@@ -27,7 +27,9 @@ a rational, mass-covering tilt instead of pi*'s exponential one. The reward term
 leave-one-out baseline of RLOO (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for
 free!"; Ahmadian et al. 2024, "Back to basics: revisiting REINFORCE style optimization for
 learning from human feedback in LLMs"), A_i = R_i - mean_{j≠i} R_j, unbiased because the
-baseline of y_i does not depend on y_i. Everything here is sequence-level (one "token").
+baseline of y_i does not depend on y_i. Everything here is sequence-level (one "token"). The
+loss is the entry "kl_pg" of :data:`refimpl.rl.LOSSES`, so :func:`refimpl.tabular.train_tabular`
+trains it exactly in the exact world and :func:`refimpl.rl.train` on a language model.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from . import checks
 from .grpo import K3_CLAMP
 
 __all__ = ["KLEstimates", "kl_estimators", "ESTIMATORS", "BASELINES", "rloo_advantages", "kl_pg_loss",
-           "expected_gradient", "forward_kl_optimum", "KLPGRun", "train_klpg_tabular"]
+           "expected_gradient", "forward_kl_optimum"]
 
 ESTIMATORS = ("k1_reward", "k1_loss", "k2_loss", "k3_loss")
 BASELINES = ("rloo", "none")
@@ -221,54 +223,3 @@ def forward_kl_optimum(logp_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
         lo, hi = torch.where(too_big, mid, lo), torch.where(too_big, hi, mid)
     out = lp - torch.log(hi.exp() + gap)
     return torch.log_softmax(out, -1).to(torch.promote_types(logp_ref.dtype, torch.float32))
-
-
-class KLPGRun(NamedTuple):
-    """The final log pi_theta [P, N] and log pi_theta after every step."""
-
-    logp: Tensor
-    history: list[Tensor]
-
-
-def train_klpg_tabular(logp_ref: Tensor, reward: Tensor, beta: float, k: int = 8, steps: int = 400, lr: float = 1.0,
-                       estimator: str = "k1_reward", baseline: str = "rloo", seed: int = 0) -> KLPGRun:
-    r"""On-policy training of logits theta [P, N] (initialised at log pi_ref) with :func:`kl_pg_loss`.
-
-    Each step samples k outcomes per prompt from pi_theta, and takes one SGD step on P times
-    the loss (each prompt's logits get the step of a lone group), as
-    :func:`refimpl.tabular.train_tabular` does for the losses of :mod:`refimpl.rl`.
-
-    Args:
-        logp_ref: [P, N] log pi_ref (finite). reward: [P, N] r(x, y).
-        beta: KL coefficient, > 0. k: samples per prompt (>= 2 with RLOO).
-        steps: >= 1. lr: SGD step size, > 0.
-        estimator: one of :data:`ESTIMATORS`. baseline: one of :data:`BASELINES`.
-        seed: of the sampling.
-
-    Returns:
-        :class:`KLPGRun`.
-    """
-    beta = _options(beta, estimator, baseline)
-    checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
-    checks.tensor("reward", reward, dims=2, floating=True)
-    checks.same_shape(logp_ref=logp_ref, reward=reward)
-    checks.finite("logp_ref", logp_ref)
-    checks.finite("reward", reward)
-    k = checks.integer("k", k, low=2 if baseline == "rloo" else 1)
-    steps = checks.integer("steps", steps, low=1)
-    lr = checks.real("lr", lr, low=0.0, low_open=True)
-    seed = checks.integer("seed", seed, low=0)
-    theta = torch.nn.Parameter(logp_ref.detach().clone())  # [P, N]
-    opt = torch.optim.SGD([theta], lr=lr)
-    g = torch.Generator(device=logp_ref.device).manual_seed(seed)
-    rows = torch.arange(logp_ref.shape[0], device=logp_ref.device).unsqueeze(1)  # [P, 1]
-    history = []
-    for _ in range(steps):
-        logp_all = torch.log_softmax(theta, -1)  # [P, N]
-        idx = torch.multinomial(logp_all.detach().exp(), k, replacement=True, generator=g)  # [P, k]
-        loss = _surrogate(logp_all[rows, idx], logp_ref[rows, idx], reward[rows, idx], beta, estimator, baseline).mean()
-        opt.zero_grad(set_to_none=True)
-        (loss * logp_ref.shape[0]).backward()
-        opt.step()
-        history.append(torch.log_softmax(theta.detach(), -1))
-    return KLPGRun(history[-1], history)

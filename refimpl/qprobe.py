@@ -17,6 +17,7 @@ As k grows the sampler tends to pi_base·exp(Q/beta)/Z, the KL-constrained optim
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -27,7 +28,7 @@ from . import checks
 from .resample import _weights, expected_value
 
 __all__ = ["QProbe", "mse_loss", "ce_loss", "pg_loss", "bt_loss", "hinge_loss", "LOSSES", "ProbeFit",
-           "train_probe", "chunk_expected_reward"]
+           "train_probe", "train_probes", "chunk_expected_reward"]
 
 
 class QProbe(nn.Module):
@@ -108,33 +109,54 @@ def hinge_loss(q_chosen: Tensor, q_rejected: Tensor, margin: float = 1.0) -> Ten
     return F.relu(margin - (q_chosen - q_rejected)).mean()
 
 
-def _chunks(features: Tensor, rewards: Tensor, chunk_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Reshuffle each prompt's samples, then cut them into disjoint chunks: [P*n/m, m, d], [P*n/m, m]."""
-    P, n, d = features.shape
-    perm = torch.argsort(torch.rand(P, n, generator=g), dim=1).to(features.device)  # [P, n]
-    m = (n // chunk_size) * chunk_size
-    f = features.gather(1, perm[:, :m, None].expand(-1, -1, d)).reshape(-1, chunk_size, d)
-    r = rewards.gather(1, perm[:, :m]).reshape(-1, chunk_size)
-    return f, r
+def _per_probe(x: Tensor) -> Tensor:
+    """[S, ...] per-example values -> [S] means (one per stacked probe)."""
+    return x.flatten(1).mean(1)
 
 
 def _pairs_loss(fn: Callable) -> Callable:
-    def loss(probe: QProbe, f: Tensor, r: Tensor, beta: float) -> Tensor:
-        q = probe(f)  # [b, 2]
-        chosen = (r[:, 1] > r[:, 0]).long()[:, None]  # [b, 1]: column of the preferred item
-        return fn(q.gather(1, chosen).squeeze(1), q.gather(1, 1 - chosen).squeeze(1))
+    def loss(q: Tensor, r: Tensor, beta: float) -> Tensor:  # q, r: [S, b, 2]
+        chosen = (r[..., 1] > r[..., 0]).long()[..., None]  # [S, b, 1]: column of the preferred item
+        return _per_probe(fn(q.gather(-1, chosen).squeeze(-1), q.gather(-1, 1 - chosen).squeeze(-1)))
     return loss
 
 
-# Each loss: (how an epoch is cut into examples, the loss of a minibatch). "samples" sees samples
-# one by one, "chunks" sees chunks of samples of one prompt, "pairs" one preference pair per row.
+# Each loss: (how an epoch is cut into examples, [S] losses of S stacked probes from their Q values
+# and the rewards, both [S, ...]). "samples" sees samples one by one, "chunks" chunks of samples of
+# one prompt, "pairs" one preference pair per row.
 LOSSES: dict[str, tuple[str, Callable]] = {
-    "mse": ("samples", lambda probe, f, r, beta: F.mse_loss(probe(f), r)),
-    "ce": ("samples", lambda probe, f, r, beta: F.binary_cross_entropy_with_logits(probe(f), r)),
-    "pg": ("chunks", lambda probe, f, r, beta: -(_weights(probe(f), beta) * r).sum(-1).mean()),
-    "bt": ("pairs", _pairs_loss(lambda qc, qr: -F.logsigmoid(qc - qr).mean())),
-    "hinge": ("pairs", _pairs_loss(lambda qc, qr: F.relu(1.0 - (qc - qr)).mean())),
+    "mse": ("samples", lambda q, r, beta: _per_probe((q - r) ** 2)),
+    "ce": ("samples", lambda q, r, beta: _per_probe(F.binary_cross_entropy_with_logits(q, r, reduction="none"))),
+    "pg": ("chunks", lambda q, r, beta: _per_probe(-(_weights(q, beta) * r).sum(-1))),
+    "bt": ("pairs", _pairs_loss(lambda qc, qr: -F.logsigmoid(qc - qr))),
+    "hinge": ("pairs", _pairs_loss(lambda qc, qr: F.relu(1.0 - (qc - qr)))),
 }
+
+
+class _Stacked(nn.Module):
+    """S copies of one QProbe trained side by side: layer weights [S, out, in], biases [S, out]."""
+
+    def __init__(self, probe: QProbe, S: int):
+        super().__init__()
+        layers = [probe.net] if isinstance(probe.net, nn.Linear) else [m for m in probe.net if isinstance(m, nn.Linear)]
+        self.w = nn.ParameterList([nn.Parameter(m.weight.detach().expand(S, -1, -1).clone()) for m in layers])
+        self.b = nn.ParameterList([nn.Parameter(m.bias.detach().expand(S, -1).clone()) for m in layers])
+
+    def forward(self, f: Tensor) -> Tensor:
+        """[S, ..., d] -> [S, ...]: probe s applied to f[s]."""
+        x = f.reshape(f.shape[0], -1, f.shape[-1])  # [S, N, d]
+        for i, (w, b) in enumerate(zip(self.w, self.b)):
+            x = torch.baddbmm(b[:, None, :], x, w.transpose(1, 2))
+            x = torch.relu(x) if i < len(self.w) - 1 else x
+        return x.reshape(f.shape[:-1])
+
+    def unstack(self, probe: QProbe, s: int) -> QProbe:
+        """``probe`` (a copy of the stacked architecture) loaded with the weights of probe s."""
+        layers = [probe.net] if isinstance(probe.net, nn.Linear) else [m for m in probe.net if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for m, w, b in zip(layers, self.w, self.b):
+                m.weight.copy_(w[s]), m.bias.copy_(b[s])
+        return probe.eval()
 
 
 class ProbeFit(NamedTuple):
@@ -167,13 +189,27 @@ def train_probe(features: Tensor, rewards: Tensor, loss: str = "pg", beta: float
     Returns:
         :class:`ProbeFit`: the probe (in eval mode, on ``device``) and the loss curve.
     """
-    kind, step_loss = LOSSES[checks.choice("loss", loss, LOSSES)]
     checks.tensor("features", features, dims=3, floating=True)
+    return train_probes(features[None], rewards, loss, beta, chunk_size, epochs, lr, weight_decay, batch_size,
+                        hidden, seed, device)[0]
+
+
+def train_probes(features: Tensor, rewards: Tensor, loss: str = "pg", beta: float = 1.0, chunk_size: int = 10,
+                 epochs: int = 150, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 1000,
+                 hidden: Sequence[int] = (), seed: int = 0,
+                 device: torch.device | str | None = None) -> list[ProbeFit]:
+    r"""S probes at once, one per feature set of ``features`` [S, P, n, d] (e.g. every layer of a
+    model), on the same rewards: each equals :func:`train_probe` on its features (same
+    initialisation, same batches; AdamW acts elementwise, so the probes do not interact), up to
+    float rounding, in about the time of one. Arguments as :func:`train_probe`.
+    """
+    kind, step_loss = LOSSES[checks.choice("loss", loss, LOSSES)]
+    checks.tensor("features", features, dims=4, floating=True)
     checks.tensor("rewards", rewards, dims=2)
-    if rewards.shape != features.shape[:2]:
-        raise ValueError(f"rewards must have shape {tuple(features.shape[:2])} (features' [P, n]), "
+    if rewards.shape != features.shape[1:3]:
+        raise ValueError(f"rewards must have shape {tuple(features.shape[1:3])} (features' [P, n]), "
                          f"got {tuple(rewards.shape)}")
-    if features.shape[0] < 1 or features.shape[1] < 1:
+    if min(features.shape[:3]) < 1:
         raise ValueError(f"features must hold at least one sample, got shape {tuple(features.shape)}")
     checks.finite("features", features)
     checks.finite("rewards", rewards.float())
@@ -183,36 +219,44 @@ def train_probe(features: Tensor, rewards: Tensor, loss: str = "pg", beta: float
     lr = checks.real("lr", lr, low=0.0, low_open=True)
     weight_decay = checks.real("weight_decay", weight_decay, low=0.0)
     if kind == "chunks":
-        chunk_size = checks.integer("chunk_size", chunk_size, low=2, high=features.shape[1])
-    if kind == "pairs" and (features.shape[1] != 2 or bool((rewards[:, 0] == rewards[:, 1]).any())):
+        chunk_size = checks.integer("chunk_size", chunk_size, low=2, high=features.shape[2])
+    if kind == "pairs" and (features.shape[2] != 2 or bool((rewards[:, 0] == rewards[:, 1]).any())):
         raise ValueError(f"loss={loss!r} needs features [P, 2, d] and rewards [P, 2] with unequal entries")
     device = torch.device(device) if device is not None else features.device
+    S, P, n, d = features.shape
     features, rewards = features.to(device, torch.float32), rewards.to(device, torch.float32)
     torch.manual_seed(checks.integer("seed", seed))
-    probe = QProbe(features.shape[-1], hidden).to(device)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    template = QProbe(d, hidden).to(device)  # every probe starts from this one's weights
+    stacked = _Stacked(template, S)
+    opt = torch.optim.AdamW(stacked.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)  # CPU shuffles, so every device sees the same batches
     per_batch = max(1, batch_size // chunk_size) if kind == "chunks" else batch_size
     curve = []
     for _ in range(epochs):
         if kind == "chunks":
-            f, r = _chunks(features, rewards, chunk_size, g)
+            perm = torch.argsort(torch.rand(P, n, generator=g), dim=1).to(device)  # reshuffle within prompts
+            m = (n // chunk_size) * chunk_size
+            f = features.gather(2, perm[None, :, :m, None].expand(S, -1, -1, d)).reshape(S, -1, chunk_size, d)
+            r = rewards.gather(1, perm[:, :m]).reshape(-1, chunk_size)
         elif kind == "pairs":
-            f, r = features, rewards  # [P, 2, d], [P, 2]
+            f, r = features, rewards  # [S, P, 2, d], [P, 2]
         else:
-            f, r = features.reshape(-1, features.shape[-1]), rewards.reshape(-1)  # [P*n, d], [P*n]
-        order = torch.randperm(f.shape[0], generator=g).to(device)  # drawn on the CPU: same on every device
-        total = torch.zeros((), device=device)
+            f, r = features.reshape(S, -1, d), rewards.reshape(-1)  # [S, P*n, d], [P*n]
+        order = torch.randperm(f.shape[1], generator=g).to(device)  # drawn on the CPU: same on every device
+        total = torch.zeros(S, device=device)
         n_batches = 0
-        for s in range(0, f.shape[0], per_batch):
-            value = step_loss(probe, f[order[s : s + per_batch]], r[order[s : s + per_batch]], beta)
+        for s in range(0, f.shape[1], per_batch):
+            rows = order[s : s + per_batch]
+            rb = r[rows]
+            value = step_loss(stacked(f[:, rows]), rb.expand(S, *rb.shape), beta)  # [S]
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            value.sum().backward()  # the probes' parameters are disjoint: each gets its own gradient
             opt.step()
             total, n_batches = total + value.detach(), n_batches + 1
         curve.append(total / n_batches)
-    probe.eval()
-    return ProbeFit(probe, torch.stack(curve).tolist())  # one host sync, at the end
+    curves = torch.stack(curve).T.tolist()  # [S][epochs]; one host sync, at the end
+    # copies of the template: no new initialisation, so the global generator is left as one probe's init leaves it
+    return [ProbeFit(stacked.unstack(copy.deepcopy(template), i), curves[i]) for i in range(S)]
 
 
 def chunk_expected_reward(q: Tensor, rewards: Tensor, k: int, beta: float) -> Tensor:

@@ -3,7 +3,9 @@ r"""Training a policy on groups of k completions per prompt: one loss table, one
 Every loss of :data:`LOSSES` takes a :class:`GroupBatch` and an :class:`RLConfig` and returns a
 scalar: GVPO (:mod:`refimpl.gvpo`), GRPO and Dr. GRPO (:mod:`refimpl.grpo`). The same table
 serves :func:`refimpl.tabular.train_tabular` (a table of logits over a finite support, the exact
-world) and :func:`train` (a causal LM on sampled completions). A config option that the chosen
+world) and :func:`train` (a causal LM on sampled completions). KL-regularised policy gradient
+(:mod:`refimpl.klpg`, sequence-level, RLOO baseline) is the entry "kl_pg"; it is REINFORCE, so it
+assumes on-policy data (one update per fresh rollout). A config option that the chosen
 loss does not use must stay at its default: setting it is an error, never silently ignored.
 
 :func:`train` follows the authors' GVPO code (a verl fork): each step generates one rollout of
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import checks, lm
+from . import klpg
 from .gvpo import _centre, _gvpo_loss
 from .grpo import _dr_grpo_loss, _grpo_loss
 
@@ -65,6 +68,11 @@ def _dr_grpo(b: GroupBatch, c: "RLConfig") -> Tensor:
     return _dr_grpo_loss(b.logp_tok, b.behavior_tok, b.mask, b.rewards, c.clip_eps, b.max_tokens)
 
 
+def _kl_pg(b: GroupBatch, c: "RLConfig") -> Tensor:
+    return klpg._surrogate(b.logp_tok.sum(-1), b.ref_tok.sum(-1), b.rewards, c.beta, c.kl_estimator,
+                           c.kl_baseline).mean()
+
+
 class Loss(NamedTuple):
     fn: Callable[[GroupBatch, "RLConfig"], Tensor]  # (batch, config) -> scalar loss
     options: tuple[str, ...]  # the loss-specific config fields it reads
@@ -74,8 +82,9 @@ LOSSES: dict[str, Loss] = {
     "gvpo": Loss(_gvpo, ("anchor", "beta", "gvpo_terms", "gvpo_reduction")),
     "grpo": Loss(_grpo, ("clip_eps", "kl_coef")),
     "dr_grpo": Loss(_dr_grpo, ("clip_eps",)),
+    "kl_pg": Loss(_kl_pg, ("beta", "kl_estimator", "kl_baseline")),
 }
-_LOSS_OPTIONS = ("anchor", "beta", "gvpo_terms", "gvpo_reduction", "clip_eps", "kl_coef")
+_LOSS_OPTIONS = ("anchor", "beta", "gvpo_terms", "gvpo_reduction", "clip_eps", "kl_coef", "kl_estimator", "kl_baseline")
 
 
 @dataclass(frozen=True)
@@ -85,11 +94,13 @@ class RLConfig:
 
     loss: str = "gvpo"  # a key of LOSSES
     anchor: str = "reference"  # GVPO's pi_anchor: "reference" (fixed pi_ref) or "old" (policy at step start)
-    beta: float = 0.1  # GVPO's KL coefficient, > 0
+    beta: float = 0.1  # KL coefficient of GVPO and KL-PG, > 0
     gvpo_terms: str = "both"  # GVPO ablations: "both", or only the "covariance" or the "variance" term
     gvpo_reduction: str = "mean"  # GVPO over groups: "mean" (this book) or "sum" (the authors' code)
     clip_eps: float = 0.2  # GRPO / Dr. GRPO clip range, in (0, 1)
     kl_coef: float = 0.0  # GRPO's k3 penalty weight, >= 0
+    kl_estimator: str = "k1_reward"  # KL-PG: how the penalty is coded, one of refimpl.klpg.ESTIMATORS
+    kl_baseline: str = "rloo"  # KL-PG: "rloo" (leave-one-out) or "none"
     k: int = 4  # completions per prompt (group size), >= 2
     prompts_per_step: int = 16  # prompts per rollout, drawn without replacement
     steps: int = 40  # rollouts (each followed by its updates)
@@ -108,6 +119,8 @@ class RLConfig:
         checks.choice("config.anchor", self.anchor, ("reference", "old"))
         checks.choice("config.gvpo_terms", self.gvpo_terms, ("both", "covariance", "variance"))
         checks.choice("config.gvpo_reduction", self.gvpo_reduction, ("mean", "sum"))
+        checks.choice("config.kl_estimator", self.kl_estimator, klpg.ESTIMATORS)
+        checks.choice("config.kl_baseline", self.kl_baseline, klpg.BASELINES)
         checks.beta(self.beta, "config.beta")
         checks.real("config.clip_eps", self.clip_eps, low=0.0, high=1.0, low_open=True, high_open=True)
         checks.real("config.kl_coef", self.kl_coef, low=0.0)
@@ -122,6 +135,9 @@ class RLConfig:
         if self.prompts_per_step % self.minibatches:
             raise ValueError(f"config.minibatches={self.minibatches} must divide config.prompts_per_step="
                              f"{self.prompts_per_step} (whole groups per update)")
+        if loss == "kl_pg" and (self.minibatches, self.epochs, self.staleness, self.replay) != (1, 1, 0, 0):
+            raise ValueError("loss 'kl_pg' is REINFORCE without importance weights: it needs on-policy data "
+                             "(config.minibatches=1, epochs=1, staleness=0, replay=0)")
         defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
         for name in _LOSS_OPTIONS:
             if name not in LOSSES[loss].options and getattr(self, name) != defaults[name]:
@@ -152,19 +168,20 @@ class TrainLog:
 class _Rollout:
     s: lm.Samples  # P*k rows
     rewards: Tensor  # [P, k]
-    behavior_tok: Tensor  # [P, k, T] log-probs of the generating policy
+    behavior_tok: Tensor | None  # [P, k, T] log-probs of the generating policy (None: filled by the update)
     ref_tok: Tensor  # [P, k, T]
 
 
-def _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c: RLConfig, idx, seed) -> _Rollout:
+def _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c: RLConfig, idx, seed,
+             behavior: bool = True) -> _Rollout:
     s = lm.sample(policy, tokenizer, [prompts[i] for i in idx], k=c.k, max_new_tokens=c.max_new_tokens,
                   temperature=c.temperature, seed=seed)
     rewards = checks.rewards(reward_fn(s.texts, s.expand([targets[i] for i in idx])), len(s))
     args = (s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, c.temperature)
     with torch.no_grad():
-        behavior = s.by_prompt(lm._sequence_logprobs(policy, *args)[1])  # [P, k, T]
-        ref_tok = s.by_prompt(lm._sequence_logprobs(ref, *args)[1])
-    return _Rollout(s, s.by_prompt(rewards.to(behavior.device)), behavior, ref_tok)
+        ref_tok = s.by_prompt(lm._sequence_logprobs(ref, *args)[1])  # [P, k, T]
+        beh = s.by_prompt(lm._sequence_logprobs(policy, *args)[1]) if behavior else None
+    return _Rollout(s, s.by_prompt(rewards.to(s.completion_ids.device)), beh, ref_tok)
 
 
 def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable,
@@ -203,13 +220,15 @@ def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Seque
 
 
 def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable,
-          config: RLConfig = RLConfig(), progress: bool = False) -> TrainLog:
+          config: RLConfig = RLConfig(), progress: bool = False,
+          callback: Callable[[int, torch.nn.Module], None] | None = None) -> TrainLog:
     r"""Train ``policy`` in place with the configured loss on sampled groups.
 
     Each step:
       1. generate a rollout: ``prompts_per_step`` prompts, k completions each, from the current
          policy (``lm.sample``), their rewards (``reward_fn(texts, targets) -> [P·k]``), and the
-         per-token log-probs of the generating policy and of ``ref`` (no grad);
+         per-token log-probs of ``ref`` and of the generating policy (no grad; when the rollout
+         feeds a single update, the generating policy's come from that update's forward pass);
       2. pick the data: the rollout of ``staleness`` steps ago plus ``replay`` earlier ones (none
          yet: no update this step);
       3. the anchor log-probs of the current policy at the start of the updates (no grad);
@@ -217,6 +236,8 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
          the groups, with gradient clipping.
 
     The policy stays in eval mode (dropout off), as usual for RL fine-tuning of LMs.
+    ``callback(steps_done, policy)``, when given, runs after every step (to evaluate checkpoints);
+    it must leave the policy's parameters alone and the policy in eval mode.
 
     Returns:
         :class:`TrainLog`.
@@ -225,6 +246,8 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
 
     if not isinstance(config, RLConfig):
         raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     c = config
     prompts = checks.strings("prompts", prompts)
     if len(prompts) != len(targets):
@@ -235,10 +258,14 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
     opt = torch.optim.AdamW(policy.parameters(), lr=c.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(c.seed)
     buffer: list[_Rollout] = []
+    # Data used once, by one update, right after generation: the policy that generated it is the one being
+    # updated, so its log-probs come from the update's own forward pass instead of a separate one.
+    reused = c.minibatches > 1 or c.epochs > 1 or c.staleness > 0 or c.replay > 0
     logs: dict[str, list] = {f.name: [] for f in dataclasses.fields(TrainLog)}
     for step in tqdm(range(c.steps), disable=not progress, desc=c.loss):
         idx = torch.randperm(len(prompts), generator=g)[: c.prompts_per_step].tolist()
-        fresh = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c, idx, c.seed * 1_000_003 + step)
+        fresh = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c, idx, c.seed * 1_000_003 + step,
+                         behavior=reused)
         buffer = (buffer + [fresh])[-(c.staleness + c.replay + 1):]
         data = buffer[: len(buffer) - c.staleness][-(c.replay + 1):] if len(buffer) > c.staleness else []
         loss, norms, clip = torch.zeros(()), [], torch.zeros(())
@@ -257,6 +284,10 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
                     logp = sub.by_prompt(lm._sequence_logprobs(policy, sub.prompt_ids, sub.prompt_mask,
                                                                sub.completion_ids, sub.completion_mask, c.temperature)[1])
                     gi = groups.to(mask.device)
+                    if r.behavior_tok is None:  # not reused: the current policy generated it (all groups, once)
+                        r.behavior_tok = torch.empty_like(logp)
+                        r.behavior_tok[gi] = logp.detach()
+                        start = r.behavior_tok
                     batch = GroupBatch(logp, r.behavior_tok[gi], start[gi], r.ref_tok[gi], mask[gi], r.rewards[gi],
                                        c.max_new_tokens)
                     loss = LOSSES[c.loss].fn(batch, c)
@@ -274,4 +305,6 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
         logs["grad_norm"].append(torch.stack(norms).mean().cpu() if norms else torch.zeros(()))
         logs["clip_frac"].append(clip.detach().cpu())
         logs["length"].append(fm.sum(-1).mean())
+        if callback is not None:
+            callback(step + 1, policy)
     return TrainLog(**{key: torch.stack([v.float().cpu() for v in vals]).tolist() for key, vals in logs.items()})

@@ -63,6 +63,9 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
                  "max_new_tokens", "temperature"):
         if getattr(config, name) != getattr(defaults, name):
             raise ValueError(f"config.{name} does not apply to train_tabular (one SGD step per sampled batch)")
+    if config.loss == "kl_pg" and sampling != "policy":
+        raise ValueError(f"loss 'kl_pg' is REINFORCE without importance weights: it needs sampling='policy', "
+                         f"got {sampling!r}")
     theta = torch.nn.Parameter(logp_ref.detach().clone())  # [P, N]
     opt = torch.optim.SGD([theta], lr=config.lr)
     g = torch.Generator(device=logp_ref.device).manual_seed(config.seed)

@@ -187,7 +187,7 @@ def test_validation_types_and_config():
         RLConfig(loss="grpo", gvpo_terms="variance")
 
 
-@pytest.mark.parametrize("loss", ["gvpo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("loss", ["gvpo", "grpo", "dr_grpo", "kl_pg"])
 def test_train_smoke_changes_parameters(arith_model, loss):
     from refimpl import load_model
     from refimpl.worlds import arith
@@ -197,7 +197,11 @@ def test_train_smoke_changes_parameters(arith_model, loss):
     prompts, targets = arith.prompts("train")
     extra = {"kl_coef": 0.04} if loss == "grpo" else {}
     cfg = RLConfig(loss=loss, steps=2, k=2, prompts_per_step=4, lr=1e-3, max_new_tokens=arith.MAX_NEW_TOKENS, **extra)
-    log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
+    seen = []  # the callback sees every step, after its update
+    log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg,
+                   callback=lambda step, pol: seen.append((step, next(pol.parameters()).detach().clone())))
+    assert [s for s, _ in seen] == [1, 2] and torch.equal(seen[-1][1], next(policy.parameters()))
+    assert not torch.equal(seen[0][1], next(ref.parameters()))  # step 1 had already updated the policy
     hist = log.as_dict()
     assert set(hist) >= {"reward/mean", "kl/ref", "grad/norm", "loss"}
     assert all(len(v) == 2 for v in hist.values())

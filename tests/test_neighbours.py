@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from refimpl import bestofn, dpo, grpo, kl, klpg, resample
+from refimpl import bestofn, dpo, grpo, kl, klpg, resample, rft, rl, tabular
+from refimpl.rl import RLConfig
 
 D = torch.float64
 
@@ -386,21 +387,91 @@ def test_forward_kl_optimum_is_the_k3_fixed_point():
         assert kl.kl_divergence(torch.log_softmax(theta, -1), target).max().item() < 1e-10
 
 
+def _train_klpg(logp_ref, reward, beta, lr, estimator):
+    return tabular.train_tabular(logp_ref, reward, RLConfig(loss="kl_pg", beta=beta, k=8, steps=600, lr=lr,
+                                                            kl_estimator=estimator))
+
+
 def test_training_reaches_each_usage_fixed_point():
     logp_ref, reward = _world()
     beta = 0.3
     star = kl.optimal_policy(logp_ref, reward, beta)
     fwd = klpg.forward_kl_optimum(logp_ref, reward, beta)
-    run = klpg.train_klpg_tabular(logp_ref, reward, beta, k=8, steps=600, lr=5.0, estimator="k1_reward")
+    run = _train_klpg(logp_ref, reward, beta, 5.0, "k1_reward")
     assert len(run.history) == 600
     # r - beta·k1 is the constant beta·log Z at pi*: RLOO advantages vanish there, so does the noise
     assert kl.kl_divergence(run.logp, star).max().item() < 1e-10
-    run = klpg.train_klpg_tabular(logp_ref, reward, beta, k=8, steps=600, lr=1.0, estimator="k3_loss")
+    run = _train_klpg(logp_ref, reward, beta, 1.0, "k3_loss")
     tail = torch.stack(run.history[-200:]).exp().mean(0).log()  # the iterates jitter around the fixed point
     assert kl.kl_divergence(tail, fwd).max().item() < 2e-3
     assert kl.kl_divergence(tail, star).max().item() > 0.05
-    run = klpg.train_klpg_tabular(logp_ref, reward, beta, k=8, steps=600, lr=1.0, estimator="k1_loss")
+    run = _train_klpg(logp_ref, reward, beta, 1.0, "k1_loss")
     assert kl.kl_divergence(run.logp, logp_ref).min().item() > kl.kl_divergence(star, logp_ref).max().item()
+
+
+def test_kl_pg_entry_of_the_loss_table_is_kl_pg_loss_on_sequence_sums():
+    """rl.LOSSES["kl_pg"] on per-token log-probs = klpg.kl_pg_loss on their sums, value and gradient."""
+    g = torch.Generator().manual_seed(3)
+    tok = torch.randn(2, 4, 3, dtype=torch.float64, generator=g).requires_grad_()
+    ref_tok = torch.randn(2, 4, 3, dtype=torch.float64, generator=g)
+    rewards = torch.rand(2, 4, dtype=torch.float64, generator=g)
+    mask = torch.ones_like(ref_tok)
+    for est in klpg.ESTIMATORS:
+        for base in klpg.BASELINES:
+            c = RLConfig(loss="kl_pg", beta=0.3, k=4, kl_estimator=est, kl_baseline=base)
+            b = rl.GroupBatch(tok, tok.detach(), tok.detach(), ref_tok, mask, rewards, 3)
+            got = torch.autograd.grad(rl.LOSSES["kl_pg"].fn(b, c), tok)[0]
+            want = torch.autograd.grad(klpg.kl_pg_loss(tok.sum(-1), ref_tok.sum(-1), rewards, 0.3, est, base), tok)[0]
+            assert torch.allclose(got, want, atol=1e-12)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        RLConfig(loss="kl_pg", kl_estimator="k4")
+    with pytest.raises(ValueError, match="kl_estimator"):
+        RLConfig(loss="gvpo", kl_estimator="k3_loss")  # an option GVPO does not read
+    for off_policy in (dict(minibatches=2), dict(epochs=2), dict(staleness=1), dict(replay=1)):
+        with pytest.raises(ValueError, match="on-policy"):
+            RLConfig(loss="kl_pg", **off_policy)
+    with pytest.raises(ValueError, match="sampling='policy'"):
+        tabular.train_tabular(torch.zeros(2, 3), torch.zeros(2, 3), RLConfig(loss="kl_pg"), sampling="uniform")
+
+
+def test_dpo_on_a_language_model_raises_the_margin_of_its_pairs(arith_model):
+    """rft.finetune_dpo: the first loss is log 2 (policy = reference), the loss falls, the implicit reward
+    margin beta·[h(chosen) - h(rejected)] of the training pairs grows; same seed, same run."""
+    from refimpl import lm, load_model
+    from refimpl.worlds import arith
+
+    ref, tok = arith_model
+    prompts, targets = arith.prompts("train", n=8)
+    s = lm.sample(ref, tok, prompts, k=6, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0)
+    pairs = [(p * 6 + i, p * 6 + j) for p in range(8) for i in range(6) for j in range(i + 1, 6)
+             if s.texts[p * 6 + i] != s.texts[p * 6 + j]]  # two different completions of one prompt
+    assert len(pairs) >= 16
+    chosen, rejected = torch.tensor(pairs).T
+
+    def margin(model):
+        with torch.no_grad():
+            lp = lm.sequence_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)[0]
+        return lp[chosen] - lp[rejected]
+
+    runs = []
+    for _ in range(2):
+        policy, _ = load_model("refimpl/toy-arith", device="cpu")
+        seen = []
+        losses = rft.finetune_dpo(policy, ref, s, chosen, rejected, beta=0.5, steps=30, lr=1e-3, batch_size=8,
+                                  callback=lambda step, _: seen.append(step))
+        runs.append(losses)
+    assert seen == list(range(1, 31)) and runs[0] == runs[1]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert sum(losses[-5:]) / 5 < 0.5 * math.log(2)
+    assert (margin(policy) - margin(ref)).mean() > 1.0
+    with pytest.raises(ValueError, match="same prompt"):
+        rft.finetune_dpo(policy, ref, s, torch.tensor([0]), torch.tensor([6]), beta=0.5, steps=1)
+    with pytest.raises(ValueError, match="rejected"):
+        rft.finetune_dpo(policy, ref, s, torch.tensor([0]), torch.tensor([48]), beta=0.5, steps=1)
+    with pytest.raises(TypeError, match="chosen"):
+        rft.finetune_dpo(policy, ref, s, torch.tensor([0.0]), torch.tensor([1]), beta=0.5, steps=1)
+    with pytest.raises(ValueError, match="different rows"):
+        rft.finetune_dpo(policy, ref, s, torch.tensor([0]), torch.tensor([0]), beta=0.5, steps=1)
 
 
 # --- validation -------------------------------------------------------------------------------------

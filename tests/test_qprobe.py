@@ -214,3 +214,27 @@ def test_sampler_law_against_enumeration():
     assert (est[1].exp() - exact).abs().max() < 5e-3
     with pytest.raises(ValueError, match="ks"):
         resample.resampling_law(logp, q / beta, [0])
+
+
+@pytest.mark.parametrize("loss, hidden", [("pg", ()), ("mse", ()), ("ce", (8,)), ("bt", ())])
+def test_train_probes_equals_one_probe_per_feature_set(loss, hidden):
+    """train_probes on S feature sets = train_probe on each (same init, same batches), to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    n = 2 if loss == "bt" else 12
+    f = torch.randn(3, 20, n, 6, generator=g)  # S = 3 feature sets
+    r = torch.rand(20, n, generator=g) if loss != "ce" else (torch.rand(20, n, generator=g) < 0.4).float()
+    if loss == "bt":
+        r = torch.stack([r[:, 0], 1 - r[:, 0]], 1).round()
+        r[r[:, 0] == r[:, 1], 0] = 1.0
+        r[:, 1] = 1 - r[:, 0]
+    kw = dict(loss=loss, chunk_size=4, epochs=5, lr=3e-2, weight_decay=0.01, batch_size=40, hidden=hidden, seed=3)
+    fits = qprobe.train_probes(f, r, **kw)
+    assert len(fits) == 3
+    for s, fit in enumerate(fits):
+        one = qprobe.train_probe(f[s], r, **kw)
+        a, b = fit.probe(f[s]), one.probe(f[s])
+        if loss in ("pg", "bt"):  # their loss does not see a shift of Q: the bias has no gradient, only noise
+            a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert fit.curve == pytest.approx(one.curve, rel=1e-4, abs=1e-6)
+    assert not torch.allclose(fits[0].probe(f[0]), fits[1].probe(f[0]))  # different features, different probes

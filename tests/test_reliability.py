@@ -184,7 +184,7 @@ def _cases():
         (klpg.kl_pg_loss, dict(logp=lp, logp_ref=f, rewards=r, beta=0.1, estimator="k3_loss")),
         (klpg.expected_gradient, dict(logits=f, logp_ref=lp, reward=r, beta=0.1, estimator="k2_loss")),
         (klpg.forward_kl_optimum, dict(logp_ref=lp, reward=r, beta=0.5)),
-        (klpg.train_klpg_tabular, dict(logp_ref=lp, reward=r, beta=0.5, k=2, steps=2, lr=1.0)),
+        (tabular.train_tabular, dict(logp_ref=lp, reward=r, config=RLConfig(loss="kl_pg", beta=0.5, k=2, steps=2, lr=1.0))),
         (bestofn.rejection_law, dict(logp_ref=lp, reward=r, beta=0.5, r_max=1.0, n=3)),
         (smc.soft_values, dict(logp=lp, reward=r, beta=0.5, vocab_size=2)),
         (smc.guided_law, dict(logp=lp, log_psi=smc.soft_values(lp, r, 0.5, 2), vocab_size=2)),

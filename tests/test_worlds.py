@@ -134,3 +134,8 @@ def test_verdict_probability_separates_right_from_wrong(arith_model):
     r = arith.reward(s.texts, s.expand(targets))
     v = arith.verdict_probability(model, tok, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)
     assert v[r == 1].mean() > v[r == 0].mean() + 0.3
+    # the same verdict from the final hidden state at the stop token, without another forward pass
+    h = lm.embed_layers(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)[:, -1]
+    assert torch.allclose(arith.verdict_from_hidden(model, tok, h), v, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden"):
+        arith.verdict_from_hidden(model, tok, h[:, :5])

@@ -42,7 +42,7 @@ from .. import checks
 
 __all__ = ["WorldConfig", "STOP", "build_tokenizer", "draw_problem", "prompt_text", "answer_text",
            "value", "is_held_out", "prompt_set", "prompts", "SPLIT_SIZES", "parse_answer", "reward", "hidden_score",
-           "preference_label", "verdict_probability", "MAX_NEW_TOKENS"]
+           "preference_label", "verdict_probability", "verdict_from_hidden", "MAX_NEW_TOKENS"]
 
 STOP = ";"  # generation stops here; the verdict that follows in the corpus is never sampled
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -240,3 +240,19 @@ def verdict_probability(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tenso
     last = prompt_ids.shape[1] - 1 + completion_mask.long().sum(1)  # [B] the stop token's position
     logits = logits[torch.arange(logits.shape[0], device=logits.device), last][:, ids].float()
     return torch.softmax(logits, -1)[:, 0]
+
+
+@torch.no_grad()
+def verdict_from_hidden(model, tokenizer, hidden: Tensor) -> Tensor:
+    """:func:`verdict_probability` from the final (post-norm) hidden state at the stop token, which
+    ``lm.embed_layers`` returns at position 0 and depth -1: the LM head restricted to Y and N, so
+    a pool that embeds its samples gets the verdict without another forward pass.
+    hidden: [B, d]. Returns [B] probabilities."""
+    head = model.get_output_embeddings()
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("Y", "N")]
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2 or hidden.shape[1] != head.weight.shape[1]:
+        raise ValueError(f"hidden must be a [B, {head.weight.shape[1]}] tensor of final hidden states")
+    logits = hidden.to(head.weight) @ head.weight[ids].T  # [B, 2]
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[ids]
+    return torch.softmax(logits.float(), -1)[:, 0]

@@ -111,8 +111,11 @@ def notebooks(other_blas: bool = False) -> None:
                for e in ({}, extra)]
         print(f"other BLAS kernels {extra}: float32 matmul bits {'differ' if out[0] != out[1] else 'DO NOT differ'} "
               "from the default on this CPU", flush=True)
-    run(PY, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
-        "--nbval-cell-timeout", "900", *sorted(map(str, NOTEBOOKS.glob("*.ipynb"))), env=env(extra))
+    # two notebooks at a time, each in its own kernel on one core (--dist loadfile keeps a notebook's
+    # cells in order on one worker); the chapters run their tiny models on one thread
+    run(PY, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "-n", "2",
+        "--dist", "loadfile", "--nbval-cell-timeout", "900", *sorted(map(str, NOTEBOOKS.glob("*.ipynb"))),
+        env=env(extra))
 
 
 def test() -> None:

@@ -1,29 +1,163 @@
-"""Benchmark: one GVPO training step on the arithmetic toy model, in completion tokens per second.
+"""Benchmark: one GVPO training step against one step of TRL's GRPOTrainer: samples/s and peak memory.
 
-One step = k samples per prompt with the KV cache (``lm.sample``), one forward without grad for
-the old policy and one for the reference, one forward + backward + AdamW step for the policy
-(``refimpl.rl.train`` with ``steps=1``). The anchor, measured in the same run on the same
-device, is sampling alone on the same batch, so the printed ratio (step / sampling) is
-comparable across machines. TRL's ``GRPOTrainer`` (same model, batch, k, generation budget and
-reference forward) is timed in the same run only if ``trl`` is installed.
+Every contender trains the arithmetic toy model on the same batch (``--prompts`` prompts x k
+completions), with the same generation budget (the answer's digits and the stop token) and a
+reference-model forward, and runs in its own process, so that its peak memory is its own:
 
-    python bench/bench_gvpo.py [--device cuda] [--prompts 16] [--k 4] [--repeats 5] [--threads 1]
+* ``refimpl``: :func:`refimpl.rl.train` with the GVPO loss, reference anchor (sampling with the KV
+  cache, the reference's log-probs without grad, one forward + backward + AdamW step; the
+  generating policy's log-probs come from that forward, since the rollout feeds one update). Its process also times ``lm.sample`` alone on the same batch, the
+  anchor whose ratio to the step is comparable across machines;
+* ``trl-grpo``: TRL's ``GRPOTrainer`` (beta = 0.04, so that it runs its reference forward too;
+  one generation per optimizer step, gradient checkpointing off);
+* ``trl-gvpo``: :class:`refimpl.trl_gvpo.GVPOTrainer`, the GVPO adapter on TRL's loop, reference
+  anchor.
+
+Step times are medians over ``--rounds`` x ``--repeats`` steps (each process drops its first,
+warm-up step); the contenders run in turn, round after round. Peak memory is the growth
+of the process's peak resident set (CPU) or of ``torch.cuda.max_memory_allocated`` (CUDA) from the
+moment the policy is loaded, so it counts the reference model, the optimizer state and the
+step's activations. The TRL contenders are skipped when ``trl`` is not installed.
+
+    python bench/bench_gvpo.py [--device cuda] [--prompts 16] [--k 4] [--repeats 5] [--rounds 3] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import time_once  # noqa: E402
+from timing import sync, time_once  # noqa: E402
 
 from refimpl import config, lm, load_model, rl  # noqa: E402
 from refimpl.worlds import arith  # noqa: E402
+
+CONTENDERS = ("refimpl", "trl-grpo", "trl-gvpo")
+MODEL = "refimpl/toy-arith"
+
+
+def _rss_bytes() -> int:
+    """The process's current resident set (Linux: /proc/self/statm)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Memory:
+    """Peak memory growth from construction: peak RSS on CPU, max_memory_allocated on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device)
+        else:
+            self.start = _rss_bytes()
+
+    def peak_growth(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.start
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start)
+
+
+def _step_times(stamps: list[float]) -> list[float]:
+    """Per-step times from the end-of-step stamps (the first stamp is the start), warm-up dropped."""
+    return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+
+
+def run_refimpl(device: torch.device, prompts, targets, P: int, k: int, repeats: int) -> dict:
+    policy, tok = load_model(MODEL, device=device)
+    mem = _Memory(device)
+    ref, _ = load_model(MODEL, device=device)
+    cfg = rl.RLConfig(k=k, prompts_per_step=P, steps=repeats + 1, lr=1e-6, max_new_tokens=arith.MAX_NEW_TOKENS)
+    stamps: list[float] = []
+
+    def stamp(*_):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    stamp()
+    log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg, callback=stamp)
+    peak = mem.peak_growth()
+    sample = lambda: lm.sample(policy, tok, prompts, k=k, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0)  # noqa: E731
+    sample()
+    t_sample = statistics.median(time_once(sample, device) for _ in range(repeats))
+    return dict(steps_s=_step_times(stamps), peak_bytes=peak, sample_s=t_sample, length=statistics.mean(log.length))
+
+
+def run_trl(device: torch.device, prompts, targets, P: int, k: int, repeats: int, gvpo: bool) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    policy, tok = load_model(MODEL, device=device)
+    mem = _Memory(device)
+    data = Dataset.from_dict({"prompt": list(prompts) * (repeats + 1), "target": list(targets) * (repeats + 1)})
+    stamps: list[float] = []
+    lengths: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            sync(device)
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    def reward_fn(prompts, completions, target, **kw):
+        return arith.reward(completions, target).tolist()
+
+    common = dict(per_device_train_batch_size=P * k, num_generations=k, max_completion_length=arith.MAX_NEW_TOKENS,
+                  max_steps=repeats + 1, learning_rate=1e-6, report_to="none", use_cpu=device.type == "cpu",
+                  save_strategy="no", logging_steps=1, bf16=False, temperature=1.0, gradient_checkpointing=False,
+                  disable_tqdm=True)
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if gvpo:
+            from refimpl.trl_gvpo import GVPOTrainer, GVPOTrainerConfig
+
+            cfg = GVPOTrainerConfig(output_dir=out, gvpo_beta=0.1, gvpo_anchor="reference", **common)
+            trainer = GVPOTrainer(model=policy, reward_funcs=reward_fn, args=cfg, train_dataset=data,
+                                  processing_class=tok, callbacks=[Stamp()])
+        else:
+            cfg = GRPOConfig(output_dir=out, beta=0.04, **common)
+            trainer = GRPOTrainer(model=policy, reward_funcs=reward_fn, args=cfg, train_dataset=data,
+                                  processing_class=tok, callbacks=[Stamp()])
+        trainer.train()
+    return dict(steps_s=_step_times(stamps), peak_bytes=mem.peak_growth(),
+                length=statistics.mean(lengths) if lengths else float("nan"))
+
+
+def _child(args) -> None:
+    """Run one contender and print its numbers as one JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config.quiet()
+    device = torch.device(args.device) if args.device else config.device()
+    prompts, targets = arith.prompts("train")
+    prompts, targets = prompts[: args.prompts], targets[: args.prompts]
+    if args.only == "refimpl":
+        out = run_refimpl(device, prompts, targets, args.prompts, args.k, args.repeats)
+    else:
+        out = run_trl(device, prompts, targets, args.prompts, args.k, args.repeats, gvpo=args.only == "trl-gvpo")
+    print("RESULT " + json.dumps(out | dict(threads=torch.get_num_threads(), device=str(device))), flush=True)
 
 
 def main() -> None:
@@ -31,91 +165,48 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs every contender once, in turn")
+    parser.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)  # one contender, in a child process
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config.quiet()
-    device = torch.device(args.device) if args.device else config.device()
-    ref, tok = load_model("refimpl/toy-arith", device=device)
-    policy, _ = load_model("refimpl/toy-arith", device=device)
-    prompts, targets = arith.prompts("train")
-    prompts, targets = prompts[: args.prompts], targets[: args.prompts]
-    cfg = rl.RLConfig(k=args.k, prompts_per_step=args.prompts, steps=1, lr=1e-6)
-
-    tokens = []
-
-    def step():
-        log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
-        tokens.append(log.length[0] * args.prompts * args.k)
-
-    def sample_only():
-        lm.sample(policy, tok, prompts, k=args.k, max_new_tokens=cfg.max_new_tokens, seed=0)
-
-    step(), sample_only()  # warm-up
-    t_step = [time_once(step, device) for _ in range(args.repeats)]
-    t_sample = [time_once(sample_only, device) for _ in range(args.repeats)]
-    n_tok = statistics.median(tokens[1:])
-    med_step, med_sample = statistics.median(t_step), statistics.median(t_sample)
-    print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.prompts} prompts x k={args.k}, {n_tok:.0f} completion tokens per step")
-    print(f"GVPO step:     median {med_step * 1e3:8.1f} ms  ({n_tok / med_step:8.0f} tokens/s)")
-    print(f"sampling only: median {med_sample * 1e3:8.1f} ms  (anchor)")
-    print(f"ratio step / sampling: {med_step / med_sample:.2f}")
+    if args.only:
+        return _child(args)
     try:
-        import trl  # noqa: F401  optional benchmark dependency
+        import trl
+        contenders, trl_note = CONTENDERS, f"TRL {trl.__version__}"
     except ImportError:
-        print("trl is not installed: GRPOTrainer comparison skipped")
-        return
-    t_trl = _trl_step_times(device, prompts, targets, args.prompts, args.k, args.repeats)
-    med_trl = statistics.median(t_trl)
-    print(f"TRL {trl.__version__} GRPOTrainer step: median {med_trl * 1e3:8.1f} ms  "
-          f"({n_tok / med_trl:8.0f} tokens/s at the same completion length)")
-    print(f"ratio TRL / refimpl step: {med_trl / med_step:.2f}")
+        contenders, trl_note = CONTENDERS[:1], "trl is not installed: TRL contenders skipped"
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):  # contenders in turn, so that a slow spell of the machine hits all of them
+        for name in contenders:
+            cmd = [sys.executable, __file__, "--only", name, "--prompts", str(args.prompts), "--k", str(args.k),
+                   "--repeats", str(args.repeats)] + (["--device", args.device] if args.device else []) + (
+                   ["--threads", str(args.threads)] if args.threads else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(f"{name}: FAILED (exit {out.returncode})\n{out.stderr[-2000:]}")
+                continue
+            runs[name].append(json.loads(line[-1][len("RESULT "):]))
+    results = {name: dict(r[0], step_s=statistics.median(t for x in r for t in x["steps_s"]),
+                          peak_bytes=statistics.median(x["peak_bytes"] for x in r),
+                          sample_s=statistics.median(x.get("sample_s", 0.0) for x in r)) for name, r in runs.items() if r}
+    if "refimpl" not in results:
+        sys.exit(1)
+    base = results["refimpl"]
+    n = args.prompts * args.k
+    print(f"device {base['device']} ({base['threads']} CPU threads), {args.prompts} prompts x k={args.k} = {n} "
+          f"completions per step, mean completion length {base['length']:.1f} tokens; {trl_note}; "
+          f"medians of {args.rounds} rounds x {args.repeats} steps (each after a warm-up step), each contender in its "
+          "own process, in turn")
+    print(f"{'contender':10s} {'step (ms)':>10s} {'samples/s':>10s} {'peak memory (MiB)':>18s} {'time / refimpl':>15s}")
+    for name, r in results.items():
+        print(f"{name:10s} {r['step_s'] * 1e3:10.1f} {n / r['step_s']:10.0f} {r['peak_bytes'] / 2**20:18.1f} "
+              f"{r['step_s'] / base['step_s']:15.2f}")
+    print(f"sampling alone (anchor, refimpl process): {base['sample_s'] * 1e3:.1f} ms; "
+          f"refimpl step / sampling: {base['step_s'] / base['sample_s']:.2f}")
 
-
-def _trl_step_times(device, prompts, targets, P: int, k: int, repeats: int) -> list[float]:
-    """Per-step wall times of TRL's GRPOTrainer on the same model, batch, k and generation budget.
-
-    beta = 0.04 makes TRL run its reference forward too, as our step does; gradient checkpointing
-    off, one generation per optimizer step. The first step is a warm-up and is dropped.
-    """
-    import tempfile
-    import warnings
-
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    policy, tok = load_model("refimpl/toy-arith", device=device)
-    data = Dataset.from_dict({"prompt": list(prompts) * (repeats + 1), "target": list(targets) * (repeats + 1)})
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
-    def reward_fn(prompts, completions, target, **kw):
-        return arith.reward(completions, target).tolist()
-
-    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=P * k, num_generations=k,
-                         max_completion_length=8, max_steps=repeats + 1, beta=0.04, learning_rate=1e-6,
-                         report_to="none", use_cpu=device.type == "cpu", save_strategy="no",
-                         logging_steps=10_000, bf16=False, temperature=1.0, gradient_checkpointing=False,
-                         disable_tqdm=True)
-        trainer = GRPOTrainer(model=policy, reward_funcs=reward_fn, args=cfg, train_dataset=data,
-                              processing_class=tok, callbacks=[Timer()])
-        trainer.train()
-    return times[1:]
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     ap.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--lengths", default="4,16,64,256", help="completion lengths for the length sweep ('' to skip)")
+    ap.add_argument("--lengths", default="", help="completion lengths for a length sweep, e.g. 4,16,64,256 (default: none)")
     args = ap.parse_args()
     config.quiet()
     if args.threads:

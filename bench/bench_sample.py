@@ -38,7 +38,7 @@ def main() -> None:
     refimpl.config.quiet()
     model, tok = refimpl.load_model(a.model, device=a.device, dtype=getattr(torch, a.dtype))
     device = next(model.parameters()).device
-    texts = (arith.prompts("all")[0] * a.prompts)[: a.prompts]
+    texts = (arith.prompts("train")[0] * a.prompts)[: a.prompts]
     enc = tok(texts, return_tensors="pt", padding=True).to(device)
     n_rows = a.prompts * a.k
     stop = model.generation_config.eos_token_id

@@ -133,12 +133,17 @@ LOSSES: dict[str, tuple[str, Callable]] = {
 }
 
 
+def _linears(probe: QProbe) -> list[nn.Linear]:
+    """The probe's linear maps, input to output."""
+    return [probe.net] if isinstance(probe.net, nn.Linear) else [m for m in probe.net if isinstance(m, nn.Linear)]
+
+
 class _Stacked(nn.Module):
     """S copies of one QProbe trained side by side: layer weights [S, out, in], biases [S, out]."""
 
     def __init__(self, probe: QProbe, S: int):
         super().__init__()
-        layers = [probe.net] if isinstance(probe.net, nn.Linear) else [m for m in probe.net if isinstance(m, nn.Linear)]
+        layers = _linears(probe)
         self.w = nn.ParameterList([nn.Parameter(m.weight.detach().expand(S, -1, -1).clone()) for m in layers])
         self.b = nn.ParameterList([nn.Parameter(m.bias.detach().expand(S, -1).clone()) for m in layers])
 
@@ -152,9 +157,8 @@ class _Stacked(nn.Module):
 
     def unstack(self, probe: QProbe, s: int) -> QProbe:
         """``probe`` (a copy of the stacked architecture) loaded with the weights of probe s."""
-        layers = [probe.net] if isinstance(probe.net, nn.Linear) else [m for m in probe.net if isinstance(m, nn.Linear)]
         with torch.no_grad():
-            for m, w, b in zip(layers, self.w, self.b):
+            for m, w, b in zip(_linears(probe), self.w, self.b):
                 m.weight.copy_(w[s]), m.bias.copy_(b[s])
         return probe.eval()
 

@@ -26,8 +26,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import checks, lm
-from . import klpg
+from . import checks, klpg, lm
 from .gvpo import _centre, _gvpo_loss
 from .grpo import _dr_grpo_loss, _grpo_loss
 

@@ -7,10 +7,14 @@
     python3 dev.py notebooks [--other-blas]   # nbval on the notebooks only (optionally under other BLAS kernels)
     python3 dev.py sync [NOTEBOOK.md]   # re-execute notebooks, re-pair .md <-> .ipynb, record book/results/
     python3 dev.py models               # retrain the shipped models in models/ (minutes)
+    python3 dev.py lowest               # the unit tests under the lowest versions pyproject.toml allows
 
 Each task creates or reuses the virtual environment ``.venv``. On a machine without an NVIDIA
 GPU it installs the CPU build of torch (torch==2.13.0) before anything else can pull a CUDA
 build. Set REFIMPL_TORCH to override the torch requirement (e.g. "torch" on a GPU machine).
+``lowest`` uses a second environment, ``.venv-lowest``, with each library of ``LOWEST`` pinned to
+the lower bound that pyproject.toml declares for it (torch from PyPI: its CUDA build, which also
+runs on a CPU).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +42,11 @@ MATHJAX_DIR = ROOT / "book" / "_static" / "mathjax"
 # Other BLAS kernels for the second notebook pass of CI: on AVX-512 CPUs the first variable picks
 # the AVX2 kernels; on others the second selects MKL's conditional-numerical-reproducibility path.
 OTHER_BLAS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "COMPATIBLE"}
+# `dev.py lowest`: these libraries are installed at the lower bound (">=X") that pyproject.toml
+# declares for them (the core dependencies and the test extra's peft and TRL: what refimpl's code
+# calls); the test tools resolve freely. A name without such a bound there is an error.
+LOWEST = ("torch", "transformers", "tokenizers", "tqdm", "scipy", "pyyaml", "peft", "trl")
+VENV_LOWEST = ROOT / ".venv-lowest"
 
 
 def run(*cmd: str | Path, env: dict | None = None) -> None:
@@ -60,6 +70,41 @@ def setup(extras: str = "book,test") -> None:
     run(PY, "-m", "pip", "install", "-q", "-e", f".[{extras}]")
     run(PY, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
     stamp.touch()
+
+
+def lowest_pins() -> list[str]:
+    """``name==X`` for each library of ``LOWEST``, X its ">=X" bound in pyproject.toml."""
+    import tomllib  # Python >= 3.11
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    pins = []
+    for name in LOWEST:
+        found = [m[1] for r in reqs if (m := re.fullmatch(rf"{name}\s*>=\s*([\w.]+)\s*(,.*)?", r.strip()))]
+        if len(found) != 1:
+            sys.exit(f"pyproject.toml declares no single '{name}>=X' bound (dependencies or the test extra)")
+        pins.append(f"{name}=={found[0]}")
+    return pins
+
+
+def lowest() -> None:
+    """The unit tests (not the notebooks) in .venv-lowest, every library of LOWEST at its lowest."""
+    py = VENV_LOWEST / PY.relative_to(VENV)
+    if not py.exists():
+        run(sys.executable, "-m", "venv", VENV_LOWEST)
+        run(py, "-m", "pip", "install", "-q", "--upgrade", "pip")
+    pins = lowest_pins()
+    stamp = VENV_LOWEST / f".refimpl-{'-'.join(pins)}.stamp"
+    if not (stamp.exists() and stamp.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime):
+        constraints = VENV_LOWEST / "constraints.txt"
+        constraints.write_text("\n".join(pins) + "\n")
+        run(py, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager",
+            "--constraint", constraints, "-e", ".[test]")
+        stamp.touch()
+    print("lowest:", ", ".join(pins), flush=True)
+    e = env({"PATH": str(py.parent) + os.pathsep + os.environ.get("PATH", ""),
+             "REFIMPL_CACHE": str(VENV_LOWEST / "refimpl-cache")})  # models trained here stay here
+    run(py, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", env=e)
 
 
 def env(extra: dict | None = None) -> dict:
@@ -150,7 +195,7 @@ def models() -> None:
     run(PY, "scripts/ship_models.py", *sys.argv[2:], env=env())
 
 
-TASKS = {"book": book, "test": test, "browser": browser, "setup": setup, "models": models}
+TASKS = {"book": book, "test": test, "browser": browser, "setup": setup, "models": models, "lowest": lowest}
 
 
 def main() -> None:

@@ -46,10 +46,11 @@ __all__ = ["best_of_n_law", "best_of_n_kl_bound", "rejection_acceptance", "rejec
 
 
 def _support(name: str, logp: Tensor, scores_name: str, scores: Tensor) -> None:
-    """logp [..., N] floating, finite or -inf, mass in every row; scores [..., N] the same shape
-    (finite; ``-inf`` allowed for a reward: a forbidden outcome)."""
+    """logp [..., N] floating, finite or -inf, mass in every row; scores [..., N] the same shape and
+    device (finite; ``-inf`` allowed for a reward: a forbidden outcome)."""
     checks.tensor(name, logp, min_dims=1, floating=True)
     checks.tensor(scores_name, scores, min_dims=1, floating=True)
+    checks.same_device(**{name: logp, scores_name: scores})
     checks.same_shape(**{name: logp, scores_name: scores})
     if logp.shape[-1] < 1:
         raise ValueError(f"{name} must have a support of N >= 1 outcomes, got shape {tuple(logp.shape)}")
@@ -120,6 +121,8 @@ def best_of_n_kl_bound(n: int) -> float:
 
 def _log_accept(logp_ref: Tensor, reward: Tensor, beta: float, r_max) -> tuple[Tensor, Tensor]:
     """Checked (log pi_ref [..., N], log acceptance probability per outcome (r - r_max)/beta [..., N])."""
+    if isinstance(r_max, Tensor) and isinstance(reward, Tensor):
+        checks.same_device(reward=reward, r_max=r_max)  # before _support reads values
     _support("logp_ref", logp_ref, "reward", reward)
     beta = checks.beta(beta)
     if isinstance(r_max, Tensor):
@@ -151,7 +154,7 @@ def rejection_acceptance(logp_ref: Tensor, reward: Tensor, beta: float, r_max: f
         logp_ref: [..., N] log pi_ref (``-inf`` where pi_ref is 0).
         reward: [..., N] r(y), <= r_max wherever pi_ref > 0 (``-inf``: a forbidden outcome).
         beta: KL coefficient, > 0.
-        r_max: the bound on r, a number or a [...] tensor (one bound per row).
+        r_max: the bound on r, a number or a [...] tensor (one bound per row, on reward's device).
 
     Returns:
         [...] acceptance probability per proposal, in [0, 1] (it underflows to 0 when r_max/beta is huge).

@@ -6,7 +6,8 @@ wherever Python numbers are). Bad input raises ``TypeError`` (wrong kind) or ``V
 (right kind, wrong value); nothing is coerced silently.
 
 Finiteness checks on tensors read one boolean back from the device; public functions call them
-once on entry, and training loops call the unchecked private cores inside the loop.
+once on entry, and training loops call the unchecked private cores inside the loop. The device
+check (:func:`same_device`) compares attributes only and reads no data.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["integer", "real", "beta", "choice", "tensor", "same_shape", "finite", "token_ids", "strings", "rewards"]
+__all__ = ["integer", "real", "beta", "choice", "tensor", "same_shape", "same_device", "finite", "token_ids", "strings",
+           "rewards"]
 
 
 def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
@@ -101,6 +103,31 @@ def same_shape(**tensors: Tensor) -> None:
     for name, t in items[1:]:
         if t.shape != first.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}")
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    """One device: ``cuda`` (no index, as a generator may report it) matches any ``cuda:i``."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def same_device(**values: Tensor | torch.device | None) -> None:
+    """Every tensor lives on the device of the first one (``None`` entries are skipped).
+
+    A value may also be a ``torch.device``: a model's (``lm`` passes ``model=``), a generator's.
+    Only attributes are compared: no data is read, so it fires before any computation (meta
+    tensors included) and costs no host sync. Nothing is moved: tensors used together must be
+    put on one device by the caller.
+    """
+    items = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, (Tensor, torch.device)):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        items.append((name, value if isinstance(value, torch.device) else value.device))
+    for name, dev in items[1:]:
+        if not _same(dev, items[0][1]):
+            raise ValueError(f"{items[0][0]} ({items[0][1]}) and {name} ({dev}) must be on the same device")
 
 
 def token_ids(name: str, value: Any, vocab_size: int | None = None) -> tuple[int, ...]:

@@ -4,6 +4,16 @@ Every notebook and script reads its sizes from :func:`get_scale`, so switching t
 to the large setting is one environment variable::
 
     python scripts/run_scale.py --scale full
+
+How ``full`` is sized: the whole run (models and every chapter) is meant to fit one call of at
+most 9 minutes on one H100. At these model sizes a GPU step costs its kernel launches and Python,
+not its FLOPs, so rows in a batch are almost free and sequential steps are what cost: ``full``
+grows what is batched (samples per prompt, pretraining batch, prompts per RL step) and the model,
+and keeps the count of sequential steps (pretraining steps, RL steps, training runs) close to
+``smoke``'s. The estimate behind it (about 30 ms per RL step of 16 prompts x 8 completions with
+4 updates, about 5 ms per pretraining step) awaits a measurement on the GPU: run
+``scripts/run_scale.py --scale full --dry-run`` there first; its ``run.json`` records each
+chapter's wall time.
 """
 from __future__ import annotations
 
@@ -29,15 +39,15 @@ class Scale:
     arith_batch: int  # pretraining batch (sequences)
     samples_per_prompt: int  # completions drawn per prompt in the chapters
     seeds: int  # independent seeds for spreads and confidence intervals
-    rl_steps: int  # policy-training steps per run in the GVPO chapter
-    rl_seeds: int  # seeds per method in the GVPO chapter (each is a full training run)
+    rl_steps: int  # policy-training steps (rollouts) per run on the task world in the GVPO chapter
+    rl_seeds: int  # training seeds per base model and method in the GVPO chapter (each a training run)
 
 
 SCALES: dict[str, Scale] = {
     "smoke": Scale("smoke", arith_layers=3, arith_width=96, arith_heads=8, arith_steps=1500,
-                   arith_batch=64, samples_per_prompt=96, seeds=3, rl_steps=50, rl_seeds=3),
-    "full": Scale("full", arith_layers=8, arith_width=512, arith_heads=8, arith_steps=6000,
-                  arith_batch=512, samples_per_prompt=384, seeds=10, rl_steps=150, rl_seeds=5),
+                   arith_batch=64, samples_per_prompt=96, seeds=3, rl_steps=8, rl_seeds=1),
+    "full": Scale("full", arith_layers=4, arith_width=256, arith_heads=8, arith_steps=2000,
+                  arith_batch=256, samples_per_prompt=384, seeds=3, rl_steps=24, rl_seeds=2),
 }
 
 

@@ -207,7 +207,8 @@ class Tracker:
 
 def iter_banned(constraint: Constraint, prompt_ids: Tensor, completion_ids: Tensor,
                 vocab_size: int) -> Iterator[Tensor]:
-    """The masks [N, V] of B(x, y_<t) for t = 0 .. T-1 along given completions [N, T]."""
+    """The masks [N, V] of B(x, y_<t) for t = 0 .. T-1 along given completions [N, T] (on the prompts' device)."""
+    checks.same_device(prompt_ids=prompt_ids, completion_ids=completion_ids)
     state = constraint.start(prompt_ids)
     for t in range(completion_ids.shape[1]):
         yield constraint.banned(state, vocab_size, completion_ids.device)
@@ -218,6 +219,7 @@ def violations(constraint, prompt_ids: Tensor, completion_ids: Tensor, completio
                vocab_size: int) -> Tensor:
     """[N] bool: whether some real completion token y_t lies in B(x, y_<t)."""
     constraint = as_constraint(constraint)
+    checks.same_device(prompt_ids=prompt_ids, completion_ids=completion_ids, completion_mask=completion_mask)
     checks.tensor("completion_ids", completion_ids, dims=2, integral=True)
     bad = torch.zeros(completion_ids.shape[0], dtype=torch.bool, device=completion_ids.device)
     for t, mask in enumerate(iter_banned(constraint, prompt_ids, completion_ids, vocab_size)):

@@ -58,6 +58,7 @@ def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, logp_ref_chosen: Tensor
                 logp_ref_rejected=logp_ref_rejected)
     for name, t in args.items():
         checks.tensor(name, t, floating=True)
+    checks.same_device(**args)
     checks.same_shape(**args)
     if logp_chosen.numel() == 0:
         raise ValueError(f"logp_chosen must hold at least one pair, got shape {tuple(logp_chosen.shape)}")
@@ -67,9 +68,11 @@ def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, logp_ref_chosen: Tensor
     return -F.logsigmoid(beta * margin).mean()
 
 
-def _check_world(logp_ref: Tensor, reward: Tensor, label_temperature: float) -> float:
+def _check_world(logp_ref: Tensor, reward: Tensor, label_temperature: float, **others) -> float:
+    """logp_ref and reward [..., N] (finite), on the device of the ``others`` too (checked first)."""
     checks.tensor("logp_ref", logp_ref, min_dims=1, floating=True)
     checks.tensor("reward", reward, min_dims=1, floating=True)
+    checks.same_device(logp_ref=logp_ref, reward=reward, **others)
     checks.same_shape(logp_ref=logp_ref, reward=reward)
     if logp_ref.shape[-1] < 1:
         raise ValueError(f"logp_ref must have a support of N >= 1 outcomes, got shape {tuple(logp_ref.shape)}")
@@ -105,7 +108,7 @@ def preference_pairs(logp_ref: Tensor, reward: Tensor, n_pairs: int, label_tempe
     Returns:
         :class:`Pairs` of [P, M] indices.
     """
-    T = _check_world(logp_ref, reward, label_temperature)
+    T = _check_world(logp_ref, reward, label_temperature, generator=getattr(generator, "device", None))
     checks.tensor("logp_ref", logp_ref, dims=2)
     n_pairs = checks.integer("n_pairs", n_pairs, low=1)
     P, dev = logp_ref.shape[0], logp_ref.device
@@ -132,7 +135,7 @@ def preference_table(logp_ref: Tensor, reward: Tensor, label_temperature: float 
     Returns:
         [..., N, N] probabilities (chosen a on dim -2, rejected b on dim -1), summing to 1.
     """
-    T = _check_world(logp_ref, reward, label_temperature)
+    T = _check_world(logp_ref, reward, label_temperature, logp_data=logp_data)
     if logp_data is None:
         logp_data = logp_ref
     checks.tensor("logp_data", logp_data, floating=True)
@@ -157,6 +160,7 @@ def pair_table(pairs: Pairs, n_outcomes: int, dtype: torch.dtype = torch.float64
     if not isinstance(pairs, Pairs):
         raise TypeError(f"pairs must be a Pairs (from preference_pairs), got {type(pairs).__name__}")
     N = checks.integer("n_outcomes", n_outcomes, low=1)
+    checks.same_device(**{"pairs.chosen": pairs.chosen, "pairs.rejected": pairs.rejected})
     for name, t in (("pairs.chosen", pairs.chosen), ("pairs.rejected", pairs.rejected)):
         checks.tensor(name, t, dims=2, integral=True)
         if t.numel() == 0 or bool(((t < 0) | (t >= N)).any()):
@@ -192,6 +196,7 @@ def dpo_population_loss(logp: Tensor, logp_ref: Tensor, reward: Tensor, beta: fl
         [...] the population loss per prompt.
     """
     beta = checks.beta(beta)
+    checks.same_device(logp=logp, logp_ref=logp_ref, reward=reward, logp_data=logp_data)
     W = preference_table(logp_ref, reward, label_temperature, logp_data)  # checks logp_ref and reward
     checks.tensor("logp", logp, floating=True)
     checks.same_shape(logp=logp, logp_ref=logp_ref)
@@ -230,8 +235,9 @@ def train_dpo_tabular(logp_ref: Tensor, pairs: Pairs | Tensor, beta: float, step
 
     Args:
         logp_ref: [P, N] log pi_ref (finite).
-        pairs: :class:`Pairs` of sampled pairs ([P, M] indices), or a [P, N, N] table W of pair
-            weights (non-negative, each prompt's summing to 1).
+        pairs: :class:`Pairs` of sampled pairs ([P, M] indices, moved to logp_ref's device), or a
+            [P, N, N] table W of pair weights (non-negative, each prompt's summing to 1) on
+            logp_ref's device.
         beta: KL coefficient, > 0.
         steps: >= 1. lr: step size, > 0 (plain steps: of order 1/beta²).
         precondition: divide each logit's step by the diagonal of the Hessian.
@@ -241,6 +247,7 @@ def train_dpo_tabular(logp_ref: Tensor, pairs: Pairs | Tensor, beta: float, step
     """
     if not isinstance(precondition, bool):
         raise TypeError(f"precondition must be a bool, got {type(precondition).__name__}")
+    checks.same_device(logp_ref=logp_ref, pairs=pairs if isinstance(pairs, Tensor) else None)
     checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
     checks.finite("logp_ref", logp_ref)
     beta = checks.beta(beta)

@@ -49,7 +49,9 @@ def _clipped_surrogate(logp_tok: Tensor, logp_old_tok: Tensor, adv: Tensor, clip
     return torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
 
 
-def _check_token_inputs(logp_tok, logp_old_tok, mask, rewards, clip_eps) -> float:
+def _check_token_inputs(logp_tok, logp_old_tok, mask, rewards, clip_eps, logp_ref_tok=None) -> float:
+    checks.same_device(logp_tok=logp_tok, logp_old_tok=logp_old_tok, mask=mask, rewards=rewards,
+                       logp_ref_tok=logp_ref_tok)  # first: the checks below read values
     check_groups(logp_tok=logp_tok, logp_old_tok=logp_old_tok, mask=mask)
     if logp_tok.dim() != 3:
         raise ValueError(f"logp_tok must have shape [prompts, k, T], got {tuple(logp_tok.shape)}")
@@ -94,7 +96,7 @@ def grpo_loss(logp_tok: Tensor, logp_old_tok: Tensor, mask: Tensor, rewards: Ten
     Returns:
         Scalar loss.
     """
-    clip_eps = _check_token_inputs(logp_tok, logp_old_tok, mask, rewards, clip_eps)
+    clip_eps = _check_token_inputs(logp_tok, logp_old_tok, mask, rewards, clip_eps, logp_ref_tok)
     kl_coef = checks.real("kl_coef", kl_coef, low=0.0)
     if kl_coef > 0:
         if logp_ref_tok is None:

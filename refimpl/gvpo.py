@@ -25,9 +25,10 @@ __all__ = ["gvpo_weights", "gvpo_loss", "gvpo_loss_terms", "check_groups"]
 
 
 def check_groups(**tensors: Tensor) -> None:
-    """Every tensor [P, k, ...] with the shape of the first, k >= 2, floating and finite."""
+    """Every tensor [P, k, ...] with the shape and device of the first, k >= 2, floating and finite."""
     for name, t in tensors.items():
         checks.tensor(name, t, min_dims=2, floating=True)
+    checks.same_device(**tensors)
     checks.same_shape(**tensors)
     for name, t in tensors.items():
         checks.finite(name, t)

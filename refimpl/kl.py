@@ -26,12 +26,14 @@ __all__ = [
 
 
 def _check(beta: float | None = None, **tensors: Tensor) -> float | None:
-    """Validate beta (> 0, finite) and tensors over a shared support: floating, at least 1-D, no NaN
-    or +inf (-inf is allowed in log-probabilities and rewards), equal last dims and broadcastable
-    leading dims."""
+    """Validate beta (> 0, finite) and tensors over a shared support: floating, at least 1-D, on one
+    device, no NaN or +inf (-inf is allowed in log-probabilities and rewards), equal last dims and
+    broadcastable leading dims."""
     names = list(tensors)
     for name, t in tensors.items():
         checks.tensor(name, t, min_dims=1, floating=True)
+    checks.same_device(**tensors)
+    for name, t in tensors.items():
         # -inf: a log-probability of 0, or a reward that forbids an outcome (r = log 1[allowed])
         checks.finite(name, t, allow_neg_inf=name.startswith("log") or name == "reward")
     first = tensors[names[0]]

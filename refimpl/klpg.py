@@ -59,6 +59,7 @@ class KLEstimates(NamedTuple):
 def _pair(logp: Tensor, logp_ref: Tensor, min_dims: int = 0) -> None:
     checks.tensor("logp", logp, min_dims=min_dims, floating=True)
     checks.tensor("logp_ref", logp_ref, floating=True)
+    checks.same_device(logp=logp, logp_ref=logp_ref)
     checks.same_shape(logp=logp, logp_ref=logp_ref)
     checks.finite("logp", logp)
     checks.finite("logp_ref", logp_ref)
@@ -148,6 +149,7 @@ def kl_pg_loss(logp: Tensor, logp_ref: Tensor, rewards: Tensor, beta: float, est
     beta = _options(beta, estimator, baseline)
     for name, t in (("logp", logp), ("logp_ref", logp_ref), ("rewards", rewards)):
         checks.tensor(name, t, dims=2, floating=True)
+    checks.same_device(logp=logp, logp_ref=logp_ref, rewards=rewards)
     checks.same_shape(logp=logp, logp_ref=logp_ref, rewards=rewards)
     for name, t in (("logp", logp), ("logp_ref", logp_ref), ("rewards", rewards)):
         checks.finite(name, t)
@@ -177,6 +179,7 @@ def expected_gradient(logits: Tensor, logp_ref: Tensor, reward: Tensor, beta: fl
     beta = _options(beta, estimator, "none")
     for name, t in (("logits", logits), ("logp_ref", logp_ref), ("reward", reward)):
         checks.tensor(name, t, min_dims=1, floating=True)
+    checks.same_device(logits=logits, logp_ref=logp_ref, reward=reward)
     checks.same_shape(logits=logits, logp_ref=logp_ref, reward=reward)
     for name, t in (("logits", logits), ("logp_ref", logp_ref), ("reward", reward)):
         checks.finite(name, t)
@@ -206,6 +209,7 @@ def forward_kl_optimum(logp_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
     beta = checks.beta(beta)
     checks.tensor("logp_ref", logp_ref, min_dims=1, floating=True)
     checks.tensor("reward", reward, floating=True)
+    checks.same_device(logp_ref=logp_ref, reward=reward)
     checks.same_shape(logp_ref=logp_ref, reward=reward)
     checks.finite("logp_ref", logp_ref, allow_neg_inf=True)
     checks.finite("reward", reward)

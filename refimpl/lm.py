@@ -10,8 +10,8 @@ Conventions (those of ``model.generate``): prompts are left-padded ``[B, P]`` wi
 mask; completions are right-padded ``[B, T]`` with a mask that is 1 on real tokens, the stop
 token included (stopping is part of the sequence's probability). Right-padded prompts are
 accepted and re-aligned to the left first. Every public function checks its input on entry
-(shapes, 0/1 masks, padding sides, token ids inside the vocabulary, the context length); the
-trainers call the unchecked cores (``_forward``) inside their loops.
+(tensors on the model's device, shapes, 0/1 masks, padding sides, token ids inside the vocabulary,
+the context length); the trainers call the unchecked cores (``_forward``) inside their loops.
 """
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def _check_pair(ids: Tensor, mask: Tensor, name: str) -> None:
         raise ValueError(f"{name}_mask must hold only 0 and 1")
 
 
+def _device(model) -> torch.device | None:
+    """Where the model reads its input: the device of its input embedding (else of its first parameter)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.device
+    return next((p.device for p in model.parameters()), None)
+
+
 def _vocab_size(model) -> int:
     emb = model.get_input_embeddings()
     return emb.weight.shape[0] if emb is not None else model.config.vocab_size
@@ -43,8 +51,11 @@ def _vocab_size(model) -> int:
 
 def _check_inputs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                   completion_mask: Tensor) -> None:
-    """Shapes, 0/1 masks, a real prompt token in every row, right-padded completions, ids inside
-    the vocabulary and sequences that fit the model's context."""
+    """Tensors on the model's device (checked first: no value is read before), shapes, 0/1 masks, a
+    real prompt token in every row, right-padded completions, ids inside the vocabulary and
+    sequences that fit the model's context."""
+    checks.same_device(model=_device(model), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                       completion_ids=completion_ids, completion_mask=completion_mask)
     _check_pair(prompt_ids, prompt_mask, "prompt")
     _check_pair(completion_ids, completion_mask, "completion")
     if prompt_ids.shape[0] != completion_ids.shape[0]:
@@ -71,6 +82,7 @@ def left_align(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
     Left-padded input comes back unchanged; right-padded input becomes left-padded.
     """
+    checks.same_device(ids=ids, mask=mask)
     _check_pair(ids, mask, "prompt")
     order = torch.argsort(mask.long(), dim=1, stable=True)  # [B, P]: pads first, then tokens
     return ids.gather(1, order), mask.gather(1, order)

@@ -3,8 +3,9 @@ r"""Loading models: the project's own toy models, or any Hugging Face causal LM 
 ``load_model("refimpl/toy-arith")`` loads the small GPT-2 of the column-addition world that the
 repository ships (``models/``, see :func:`shipped_dir`), or trains it (once, deterministically) and
 caches it where there is no shipped copy or at another scale; ``TASK_MODELS`` lists the three
-independently trained seeds, ``"refimpl/toy-arith-weak"`` and ``"refimpl/toy-arith-noverdict"`` are
-the helper embedders, ``"refimpl/toy-exact"`` the exact world's tiny model. All are saved with ``save_pretrained`` and read back through
+independently trained seeds the chapters use, ``REPLICATION_MODELS`` those three and three more
+(``toy-arith-s3`` .. ``-s5``, the same recipe) for claims over base models,
+``"refimpl/toy-arith-weak"`` and ``"refimpl/toy-arith-noverdict"`` are the helper embedders, ``"refimpl/toy-exact"`` the exact world's tiny model. All are saved with ``save_pretrained`` and read back through
 ``AutoModelForCausalLM.from_pretrained`` -- the path a hub id takes -- so
 ``load_model("Qwen/Qwen2.5-0.5B")`` works the same way where the network is available.
 """
@@ -25,7 +26,8 @@ import torch
 from . import checks
 from .config import SCALES, Scale, cache_dir, device as pick_device, get_scale
 
-__all__ = ["load_model", "toy_model_path", "shipped_dir", "pretrain", "TOY_MODELS", "TASK_MODELS"]
+__all__ = ["load_model", "toy_model_path", "shipped_dir", "pretrain", "TOY_MODELS", "TASK_MODELS",
+           "REPLICATION_MODELS"]
 
 FORMAT_VERSION = 2  # bump when a toy model's recipe changes, so caches are rebuilt
 TRAIN_THREADS = 2  # CPU threads used to train toy models (part of the recipe: see toy_model_path)
@@ -73,6 +75,17 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
         losses.append(loss.detach())  # no host sync per step
     model.eval()
     return torch.stack(losses).float().tolist()
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    """save_pretrained both, the tokenizer as every supported transformers reads it: transformers 5
+    writes the class "TokenizersBackend", which transformers 4 cannot load, and transformers 4 also
+    returns ``token_type_ids`` (GPT-2 adds their embeddings) unless told the model's input names."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg |= {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": ["input_ids", "attention_mask"]}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _gpt2(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: int, tokenizer, eos_id):
@@ -131,8 +144,7 @@ def _build_arith(scale: Scale, out: Path, seed: int = 0, kind: str = "base") -> 
     model.to("cpu")
     model.generation_config.eos_token_id = stop_id  # sampling stops at ';'
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    _save(model, tok, out)
     return {"kind": kind, "seed": seed, "corpus_seed": 1000 + seed, "layers": layers, "width": width, "heads": heads,
             "steps": steps, "batch": batch, "lr": 2e-3, "verdicts": cfg.verdict,
             "final_loss": sum(losses[-50:]) / 50, "params": sum(p.numel() for p in model.parameters())}
@@ -148,8 +160,7 @@ def _build_exact(scale: Scale, out: Path) -> dict:
     losses = pretrain(model, lambda s: data[s * 64 : (s + 1) * 64], 300, lr=3e-3, seed=0, warmup=20)
     model.generation_config.eos_token_id = None  # fixed-length completions: no stop token
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    _save(model, tok, out)
     return {"final_loss": sum(losses[-20:]) / 20, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -157,11 +168,17 @@ TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
     "refimpl/toy-arith": _build_arith,  # the task model, seed 0 (the chapters' default)
     "refimpl/toy-arith-s1": functools.partial(_build_arith, seed=1),
     "refimpl/toy-arith-s2": functools.partial(_build_arith, seed=2),
+    "refimpl/toy-arith-s3": functools.partial(_build_arith, seed=3),  # s3-s5: replication seeds only
+    "refimpl/toy-arith-s4": functools.partial(_build_arith, seed=4),
+    "refimpl/toy-arith-s5": functools.partial(_build_arith, seed=5),
     "refimpl/toy-arith-weak": functools.partial(_build_arith, kind="weak"),
     "refimpl/toy-arith-noverdict": functools.partial(_build_arith, kind="noverdict"),
     "refimpl/toy-exact": _build_exact,
 }
 TASK_MODELS = ["refimpl/toy-arith", "refimpl/toy-arith-s1", "refimpl/toy-arith-s2"]  # independently trained seeds
+# The base model is the unit of replication: six independently trained seeds of the same recipe
+# (TASK_MODELS first). Claims about methods resample them (metrics.cluster_bootstrap).
+REPLICATION_MODELS = TASK_MODELS + ["refimpl/toy-arith-s3", "refimpl/toy-arith-s4", "refimpl/toy-arith-s5"]
 
 
 def shipped_dir() -> Path:

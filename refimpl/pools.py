@@ -19,11 +19,14 @@ __all__ = ["Pool", "collect", "embed_texts"]
 
 @dataclass
 class Pool:
-    """k samples of each of P prompts with their rewards and features."""
+    """k samples of each of P prompts with their rewards and features, all on one device."""
 
     samples: lm.Samples  # P·k rows, prompt-major
     rewards: Tensor  # [P, k] float32
     features: Tensor  # [P, k, d] float32 (phi at the layer and position it was collected at)
+
+    def __post_init__(self):
+        checks.same_device(samples=getattr(self.samples, "device", None), rewards=self.rewards, features=self.features)
 
     @property
     def texts(self) -> list[str]:
@@ -49,7 +52,8 @@ def collect(model, tokenizer, prompts: Sequence[str], targets: Sequence, reward_
        costly as generating on a CPU, where both are compute-bound -- see ``bench/bench_qprobe.py``).
 
     Returns:
-        :class:`Pool` with rewards [P, k] and features [P, k, d].
+        :class:`Pool` with rewards [P, k] and features [P, k, d], on the model's device (the
+        rewards ``reward_fn`` returns are moved there).
     """
     prompts = checks.strings("prompts", prompts)
     if len(prompts) != len(targets):

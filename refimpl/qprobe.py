@@ -57,11 +57,12 @@ class QProbe(nn.Module):
         return self.net(features).squeeze(-1)
 
 
-def _pair(q: Tensor, rewards: Tensor, name: str = "rewards") -> None:
-    checks.tensor("q", q, min_dims=1, floating=True)
+def _pair(q: Tensor, rewards: Tensor, name: str = "rewards", q_name: str = "q") -> None:
+    checks.tensor(q_name, q, min_dims=1, floating=True)
     checks.tensor(name, rewards, floating=True)
-    checks.same_shape(q=q, **{name: rewards})
-    checks.finite("q", q)
+    checks.same_device(**{q_name: q, name: rewards})
+    checks.same_shape(**{q_name: q, name: rewards})
+    checks.finite(q_name, q)
     checks.finite(name, rewards)
 
 
@@ -98,13 +99,13 @@ def pg_loss(q: Tensor, rewards: Tensor, beta: float = 1.0) -> Tensor:
 
 def bt_loss(q_chosen: Tensor, q_rejected: Tensor) -> Tensor:
     """L_BT = mean -log sigmoid(Q_chosen - Q_rejected) (Bradley-Terry on preference pairs)."""
-    _pair(q_chosen, q_rejected, "q_rejected")  # (q_chosen is reported as "q")
+    _pair(q_chosen, q_rejected, "q_rejected", "q_chosen")
     return -F.logsigmoid(q_chosen - q_rejected).mean()
 
 
 def hinge_loss(q_chosen: Tensor, q_rejected: Tensor, margin: float = 1.0) -> Tensor:
     """L_hinge = mean max(0, margin - (Q_chosen - Q_rejected)) (the paper's hinge variant)."""
-    _pair(q_chosen, q_rejected, "q_rejected")
+    _pair(q_chosen, q_rejected, "q_rejected", "q_chosen")
     margin = checks.real("margin", margin, low=0.0)
     return F.relu(margin - (q_chosen - q_rejected)).mean()
 
@@ -188,7 +189,8 @@ def train_probe(features: Tensor, rewards: Tensor, loss: str = "pg", beta: float
         chunk_size: samples per chunk for ``"pg"``, 2 <= chunk_size <= n.
         hidden: MLP hidden widths (``()``: the linear probe).
         seed: initialisation and shuffling seed.
-        device: where to train (default: the features' device).
+        device: where to train (default: the features' device); features and rewards are copied
+            there, from any device.
 
     Returns:
         :class:`ProbeFit`: the probe (in eval mode, on ``device``) and the loss curve.
@@ -268,7 +270,7 @@ def chunk_expected_reward(q: Tensor, rewards: Tensor, k: int, beta: float) -> Te
     evaluation of the softmax-over-k sampler).
 
     Args:
-        q, rewards: [P, n]; the first (n // k)·k samples are used.
+        q, rewards: [P, n] on one device; the first (n // k)·k samples are used.
         k: candidates per selection, 1 <= k <= n.
         beta: selection temperature, >= 0.
 

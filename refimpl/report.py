@@ -8,7 +8,11 @@ written to ``<folder>/<chapter>.json`` as soon as it is known, so a claim that f
 scale becomes a finding on the "Results at scale" page instead of ending the run.
 
 Identities (a closed form, a gradient, a bound) stay plain ``assert`` statements: they hold at every
-scale. Claims are statements about trained models that a larger scale may overturn.
+scale. Claims are statements about trained models that a larger scale may overturn. An empirical
+claim is a decision on an interval fixed in advance (``claim(text, interval=iv, threshold=0.0,
+direction=">")``, see :func:`refimpl.metrics.decide`): it holds only if the interval clears the
+threshold, and "the same" only through an equivalence margin (``direction="within"``). The form
+``claim(text, holds, **numbers)`` is kept for exact identities.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["Report", "results_dir", "reference_dir", "format_value"]
+from . import metrics
+
+__all__ = ["Report", "results_dir", "reference_dir", "format_value", "format_decision"]
 
 Value = float | int | str | tuple[float, float]
 _FROM_ENV = object()  # Report's default ``out``: ``$REFIMPL_RESULTS``
@@ -156,8 +162,22 @@ class Report:
             self.values[name] = _check_value(name, value, lenient=self.recording)
         self._write()
 
-    def claim(self, text: str, holds, **numbers: Value) -> None:
-        """State an empirical claim; ``numbers`` are the quantities it compares.
+    def claim(self, text: str, holds=None, *, interval: metrics.Interval | None = None, threshold: float | None = None,
+              direction: str | None = None, margin: float | None = None, unit: str | None = None,
+              **numbers: Value) -> None:
+        """State a claim: a decision on an interval, or (``holds``) an exact identity.
+
+        ``claim(text, interval=iv, threshold=t, direction=">")`` holds iff ``iv.low > t`` (``"<"``:
+        ``iv.high < t``; ``"within"`` with ``margin=m``: ``[iv.low, iv.high]`` inside ``(t - m, t + m)``,
+        an equivalence test: pass a 90% interval for a test at 5%); see :func:`refimpl.metrics.decide`.
+        Threshold, direction and margin are fixed before the data are seen. ``unit`` names the unit
+        of replication (default ``iv.unit``; one of them must name it). Recorded: the statistic, the
+        interval and its level, the threshold, the direction, the margin, the unit, the standard
+        error and ``margin_se``, how far the statistic lies inside the claimed region in standard errors.
+
+        ``claim(text, holds, **numbers)``: a claim decided by the caller (exact identities, and
+        chapters not yet migrated); ``numbers`` are the quantities it compares. Passing both
+        ``holds`` and ``interval`` is an error.
 
         Raises ``AssertionError`` when the claim is false and results are not being recorded;
         otherwise appends it to :attr:`claims` (the runner reports the false ones). A claim whose numbers
@@ -166,15 +186,42 @@ class Report:
         """
         if not isinstance(text, str) or not text:
             raise ValueError("text must be a non-empty string")
+        if holds is not None and interval is not None:
+            raise ValueError("pass holds (a claim decided by the caller) or interval= (a decision on an interval), "
+                             "not both")
+        if holds is None and interval is None:
+            raise TypeError("claim needs holds (a claim decided by the caller) or interval= (a decision on an interval)")
+        extra = [k for k, v in dict(threshold=threshold, direction=direction, margin=margin, unit=unit).items()
+                 if v is not None]
+        if interval is None and extra:
+            raise ValueError(f"{', '.join(extra)}: only with interval=, not with holds")
         nums = {name: _check_value(name, v, lenient=self.recording) for name, v in numbers.items()}
-        holds = bool(holds) and all(_finite(v) for v in nums.values())
+        decided = {} if interval is None else self._decision(interval, threshold, direction, margin, unit)
+        holds = (decided.pop("holds") if decided else bool(holds)) and all(_finite(v) for v in nums.values())
         if not self.recording:
             if not holds:
-                detail = ", ".join(f"{k} = {format_value(v)}" for k, v in nums.items())
+                detail = ", ".join(([format_decision(decided)] if decided else [])
+                                   + [f"{k} = {format_value(v)}" for k, v in nums.items()])
                 raise AssertionError(f"claim does not hold: {text}" + (f" ({detail})" if detail else ""))
             return
-        self.claims.append({"claim": text, "holds": holds, "numbers": nums})
+        self.claims.append({"claim": text, "holds": holds, "numbers": nums, **decided})
         self._write()
+
+    def _decision(self, interval, threshold, direction, margin, unit) -> dict:
+        """The recorded fields of a claim decided on ``interval`` (see :meth:`claim`)."""
+        if threshold is None or direction is None:
+            raise ValueError("a claim on an interval needs threshold= and direction= (one of "
+                             f"{metrics.DIRECTIONS}), fixed in advance")
+        decision = metrics.decide(interval, threshold, direction, margin)
+        unit = interval.unit if unit is None else unit
+        if not isinstance(unit, str) or not unit.strip():
+            raise ValueError(f"unit must name the unit of replication (unit=..., or an interval that carries one), "
+                             f"got {unit!r}")
+        num = lambda name, v: None if v is None else _check_value(name, v, lenient=self.recording)  # noqa: E731
+        return {"holds": decision.holds, "statistic": num("statistic", interval.mean),
+                "low": num("low", interval.low), "high": num("high", interval.high), "level": interval.level,
+                "se": num("se", interval.se), "threshold": float(threshold), "direction": direction,
+                "margin": None if margin is None else float(margin), "unit": unit, "margin_se": decision.margin_se}
 
     def _write(self) -> None:
         if self.out is None:
@@ -185,6 +232,15 @@ class Report:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, allow_nan=False)
         os.replace(tmp, self.out / f"{self.chapter}.json")  # readers never see a half-written file
+
+
+def format_decision(c: dict) -> str:
+    """A claim decided on an interval as the results page shows it:
+    ``0.012 [0.003, 0.021] > 0.000; margin 2.6 SE`` (``within 0.000 ± 0.050`` for an equivalence)."""
+    need = (f"within {format_value(c['threshold'])} ± {format_value(c['margin'])}" if c["direction"] == "within"
+            else f"{c['direction']} {format_value(c['threshold'])}")
+    se = "–" if c.get("margin_se") is None else f"{c['margin_se']:.1f}"
+    return f"{format_value(c['statistic'])} [{format_value(c['low'])}, {format_value(c['high'])}] {need}; margin {se} SE"
 
 
 def format_value(v: Value) -> str:

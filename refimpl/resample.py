@@ -85,12 +85,13 @@ def expected_value(scores: Tensor, values: Tensor, beta: float) -> Tensor:
     r"""sum_i p_i v_i: the exact expected value of one softmax-over-k selection.
 
     Args:
-        scores, values: [..., k] (values: the reward of each candidate, say).
+        scores, values: [..., k] on one device (values: the reward of each candidate, say).
         beta: temperature, >= 0.
 
     Returns:
         [...] expected value.
     """
+    checks.same_device(scores=scores, values=values)
     p = selection_weights(scores, beta)
     checks.tensor("values", values, floating=True)
     checks.same_shape(scores=scores, values=values)
@@ -119,6 +120,7 @@ def resampling_law(log_proposal: Tensor, log_w: Tensor, ks: Sequence[int], n_mc:
     """
     checks.tensor("log_proposal", log_proposal, min_dims=1, floating=True)
     checks.tensor("log_w", log_w, floating=True)
+    checks.same_device(log_proposal=log_proposal, log_w=log_w, generator=getattr(generator, "device", None))
     checks.same_shape(log_proposal=log_proposal, log_w=log_w)
     checks.finite("log_proposal", log_proposal, allow_neg_inf=True)
     checks.finite("log_w", log_w, allow_neg_inf=True)

@@ -32,7 +32,7 @@ def finetune_on_successes(model, samples: lm.Samples, rewards: Tensor, epochs: i
     Args:
         model: the causal LM to fine-tune (modified in place).
         samples: :class:`refimpl.lm.Samples` (drawn from ``model``, typically).
-        rewards: [len(samples)] rewards of those rows.
+        rewards: [len(samples)] rewards of those rows (from any device: they are moved to the samples').
         epochs, lr, batch_size: AdamW fine-tuning schedule (constant lr, no weight decay); only the
             parameters that require a gradient move (a ``peft`` LoRA model trains its adapters).
         seed: shuffling seed.
@@ -98,8 +98,9 @@ def finetune_dpo(policy, ref, samples: lm.Samples, chosen: Tensor, rejected: Ten
 
     Args:
         policy, ref: the policy (trained, kept in eval mode: dropout off) and the reference model.
-        samples: :class:`refimpl.lm.Samples`; pair i is row ``chosen[i]`` ≻ row ``rejected[i]``,
-            two different rows answering the same prompt ([M] integer tensors).
+        samples: :class:`refimpl.lm.Samples` on the models' device; pair i is row ``chosen[i]`` ≻ row
+            ``rejected[i]``, two different rows answering the same prompt ([M] integer tensors, from
+            any device: they are moved to the samples').
         beta: > 0. steps, batch_size: >= 1. lr, max_grad_norm: > 0. seed: of the pair draws.
         callback: ``callback(steps_done, policy)`` after every step (to evaluate checkpoints).
 
@@ -108,6 +109,7 @@ def finetune_dpo(policy, ref, samples: lm.Samples, chosen: Tensor, rejected: Ten
     """
     if not isinstance(samples, lm.Samples):
         raise TypeError(f"samples must be a refimpl.lm.Samples, got {type(samples).__name__}")
+    checks.same_device(policy=lm._device(policy), ref=lm._device(ref), samples=samples.device)
     for name, t in (("chosen", chosen), ("rejected", rejected)):
         if checks.tensor(name, t, dims=1, integral=True).dtype == torch.bool:
             raise TypeError(f"{name} must hold integer row indices, not a boolean mask")

@@ -209,6 +209,7 @@ def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Seque
         raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
     if config.prompts_per_step > len(prompts):
         raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the {len(prompts)} prompts")
+    checks.same_device(policy=lm._device(policy), ref=lm._device(ref))
     seed = checks.integer("seed", seed, low=0)
     idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[: config.prompts_per_step]
     r = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, config, idx.tolist(), seed)
@@ -253,6 +254,7 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
         raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
     if c.prompts_per_step > len(prompts):
         raise ValueError(f"config.prompts_per_step={c.prompts_per_step} exceeds the {len(prompts)} prompts")
+    checks.same_device(policy=lm._device(policy), ref=lm._device(ref))
     policy.eval()  # dropout off for sampling and for the update alike
     opt = torch.optim.AdamW(policy.parameters(), lr=c.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(c.seed)
@@ -261,13 +263,14 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
     # updated, so its log-probs come from the update's own forward pass instead of a separate one.
     reused = c.minibatches > 1 or c.epochs > 1 or c.staleness > 0 or c.replay > 0
     logs: dict[str, list] = {f.name: [] for f in dataclasses.fields(TrainLog)}
+    zero = torch.zeros((), device=next(policy.parameters()).device)  # a step without an update logs 0
     for step in tqdm(range(c.steps), disable=not progress, desc=c.loss):
         idx = torch.randperm(len(prompts), generator=g)[: c.prompts_per_step].tolist()
         fresh = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c, idx, c.seed * 1_000_003 + step,
                          behavior=reused)
         buffer = (buffer + [fresh])[-(c.staleness + c.replay + 1):]
         data = buffer[: len(buffer) - c.staleness][-(c.replay + 1):] if len(buffer) > c.staleness else []
-        loss, norms, clip = torch.zeros(()), [], torch.zeros(())
+        loss, norms, clip = zero, [], zero
         starts = []  # the anchor "old": the policy as this step's updates begin (no grad)
         for r in data:
             args = (r.s.prompt_ids, r.s.prompt_mask, r.s.completion_ids, r.s.completion_mask, c.temperature)
@@ -275,14 +278,15 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
                 starts.append(r.behavior_tok if r is fresh else r.s.by_prompt(lm._sequence_logprobs(policy, *args)[1]))
         for r, start in zip(data, starts):
             mask = r.s.by_prompt(r.s.completion_mask.float())
-            P = r.rewards.shape[0]
-            for _ in range(c.epochs):
-                for groups in torch.randperm(P, generator=g).chunk(c.minibatches):
-                    rows = (groups[:, None] * c.k + torch.arange(c.k)).reshape(-1).to(mask.device)  # [m*k]
-                    sub = r.s.rows(rows, k=c.k)
-                    logp = sub.by_prompt(lm._sequence_logprobs(policy, sub.prompt_ids, sub.prompt_mask,
-                                                               sub.completion_ids, sub.completion_mask, c.temperature)[1])
-                    gi = groups.to(mask.device)
+            P, dev = r.rewards.shape[0], mask.device
+            # every update's groups for this rollout, drawn on the CPU and moved once (one copy, not one per update)
+            orders = torch.stack([torch.randperm(P, generator=g) for _ in range(c.epochs)]).to(dev)  # [epochs, P]
+            for order in orders:
+                for gi in order.chunk(c.minibatches):  # [m] groups of this update
+                    rows = (gi[:, None] * c.k + torch.arange(c.k, device=dev)).reshape(-1)  # [m*k]
+                    logp = lm._sequence_logprobs(policy, r.s.prompt_ids[rows], r.s.prompt_mask[rows],
+                                                 r.s.completion_ids[rows], r.s.completion_mask[rows], c.temperature)[1]
+                    logp = logp.reshape(len(gi), c.k, -1)  # [m, k, T]
                     if r.behavior_tok is None:  # not reused: the current policy generated it (all groups, once)
                         r.behavior_tok = torch.empty_like(logp)
                         r.behavior_tok[gi] = logp.detach()
@@ -296,14 +300,15 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
                     opt.step()
                     ratio = torch.exp(logp.detach() - batch.behavior_tok)
                     clip = ((ratio - 1).abs() > c.clip_eps).float().mul(batch.mask).sum() / batch.mask.sum()
+        # logged on the device and read back once, after the last step: no host sync per step
         fm = fresh.s.by_prompt(fresh.s.completion_mask.float())
         logs["reward"].append(fresh.rewards.mean())
         logs["solved"].append((fresh.rewards.max(dim=1).values > 0).float().mean())
         logs["kl_ref"].append((fresh.behavior_tok - fresh.ref_tok).sum(-1).mean())
-        logs["loss"].append(loss.detach().cpu())
-        logs["grad_norm"].append(torch.stack(norms).mean().cpu() if norms else torch.zeros(()))
-        logs["clip_frac"].append(clip.detach().cpu())
+        logs["loss"].append(loss.detach())
+        logs["grad_norm"].append(torch.stack(norms).mean() if norms else zero)
+        logs["clip_frac"].append(clip.detach())
         logs["length"].append(fm.sum(-1).mean())
         if callback is not None:
             callback(step + 1, policy)
-    return TrainLog(**{key: torch.stack([v.float().cpu() for v in vals]).tolist() for key, vals in logs.items()})
+    return TrainLog(**{key: torch.stack([v.float() for v in vals]).cpu().tolist() for key, vals in logs.items()})

@@ -32,6 +32,15 @@ class Samples:
     prompt_index: Tensor  # [B*k] index of the prompt each row answers
     k: int  # completions per prompt
 
+    def __post_init__(self):
+        checks.same_device(completion_ids=self.completion_ids, completion_mask=self.completion_mask,
+                           prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, prompt_index=self.prompt_index)
+
+    @property
+    def device(self) -> torch.device:
+        """The device every tensor of the samples lives on."""
+        return self.completion_ids.device
+
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 

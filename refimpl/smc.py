@@ -124,10 +124,23 @@ class SMCResult:
 
 
 def _take(state, index: Tensor):
-    """Rows ``index`` of a state: a tensor, or a (nested) tuple / list of tensors."""
+    """Rows ``index`` of a state or a KV cache: a tensor, a transformers ``Cache`` (reordered in place), or
+    a (nested) tuple / list of them (as the legacy cache format)."""
     if isinstance(state, Tensor):
         return state[index.to(state.device)]
+    if callable(getattr(state, "reorder_cache", None)):  # the Cache classes of every supported transformers
+        state.reorder_cache(index)
+        return state
     return type(state)(_take(s, index) for s in state)
+
+
+def _kv_cache(out) -> tuple[str, object]:
+    """The output's KV cache and the keyword that passes it back: ``cache`` (newest transformers), else
+    ``past_key_values`` (the newest accepts it too, with a warning)."""
+    name = "cache" if "cache" in getattr(out, "__dataclass_fields__", ()) else "past_key_values"
+    if getattr(out, name, None) is None:
+        raise ValueError(f"the model ({type(out).__name__}) returned no KV cache")
+    return name, getattr(out, name)
 
 
 @torch.no_grad()
@@ -186,6 +199,7 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
         pos = (attn.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         for t in range(max_new_tokens):
+            kv, cache = _kv_cache(out)
             logits = out.logits[:, -1].float()  # [N, V]
             log_q, log_gamma = step(state, logits)
             if bool((torch.isneginf(log_gamma).all(-1) & ~finished).any()):
@@ -216,13 +230,12 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
                 index = (torch.arange(B, device=device)[:, None] * k + anc).reshape(-1)  # [N]
                 mean = (torch.logsumexp(log_w.view(B, k), -1) - math.log(k))[:, None].expand(B, k)
                 log_w = torch.where(need[:, None], mean, log_w.view(B, k)).reshape(-1)
-                state, tokens, logp, logq, finished = _take((state, tokens, logp, logq, finished), index)
-                out.cache.reorder_cache(index)
+                state, tokens, logp, logq, finished, cache = _take((state, tokens, logp, logq, finished, cache), index)
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, attn.new_ones(N, 1)], 1)
             out = model(input_ids=tokens[:, -1:], attention_mask=attn, position_ids=attn.sum(1, keepdim=True) - 1,
-                        cache=out.cache, use_cache=True)
+                        use_cache=True, **{kv: cache})
     cmask = completion_mask(tokens, eos.tolist() or None)
     stops = set(eos.tolist())
     texts = tokenizer.batch_decode([[a for a, m in zip(r, mr) if m and a not in stops] for r, mr in
@@ -243,7 +256,7 @@ def soft_values(logp: Tensor, reward: Tensor, beta: float, vocab_size: int) -> l
     unvisited prefix takes its parent's value.
     """
     L, V, beta = _depth(logp, vocab_size), vocab_size, checks.beta(beta)
-    checks.tensor("reward", reward, floating=True)
+    checks.same_device(logp=logp, reward=checks.tensor("reward", reward, floating=True))
     checks.same_shape(logp=logp, reward=reward)
     checks.finite("logp", logp, allow_neg_inf=True), checks.finite("reward", reward, allow_neg_inf=True)
     P, a, out = logp.shape[0], logp + reward / beta, []  # a: [P, V^L]
@@ -262,6 +275,7 @@ def guided_law(logp: Tensor, log_psi: Sequence[Tensor], vocab_size: int) -> Tens
             not all(isinstance(p, Tensor) for p in log_psi):
         raise TypeError(f"log_psi must be a list of tensors (one per depth), got {type(log_psi).__name__}")
     shapes = [(logp.shape[0], V**t) for t in range(L + 1)]
+    checks.same_device(logp=logp, **{f"log_psi[{t}]": p for t, p in enumerate(log_psi)})
     if not bool(torch.isfinite(logp).all()) or [tuple(p.shape) for p in log_psi] != shapes:
         raise ValueError(f"logp must be finite and log_psi {L + 1} tensors of shapes [P, V^t], t = 0..{L}")
     P, log_q = logp.shape[0], torch.zeros_like(logp)

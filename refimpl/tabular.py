@@ -51,6 +51,7 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
     """
     checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
     checks.tensor("reward", reward, dims=2, floating=True)
+    checks.same_device(logp_ref=logp_ref, reward=reward)
     checks.same_shape(logp_ref=logp_ref, reward=reward)
     checks.finite("logp_ref", logp_ref, allow_neg_inf=True)
     checks.finite("reward", reward)

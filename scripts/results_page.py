@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from refimpl.report import format_value as _fmt
+from refimpl.report import format_decision, format_value as _fmt
 
 __all__ = ["load_results", "render_markdown"]
 
@@ -37,6 +37,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _claim_cell(c: dict) -> str:
+    """holds / **does not hold**, and for a claim decided on an interval what decided it."""
+    verdict = "holds" if c["holds"] else "**does not hold**"
+    return verdict + (f": {format_decision(c)}" if "direction" in c else "")
+
+
 def _run_header(name: str, run: dict) -> str:
     v = run["versions"]
     walls = ", ".join(f"{ch} {c['wall_s']:.0f} s" + ("" if c["status"] == "ok" else f" ({c['status']})")
@@ -52,7 +58,9 @@ def render_markdown(folders: dict[str, str | os.PathLike]) -> str:
     """The results page's tables and figures from results folders, ``{column title: folder}``.
 
     One section per chapter: a table of every recorded number (one column per run), a table of
-    every claim (holds / does not hold, per run) and the figures. Paths to figures are relative
+    every claim (holds / does not hold, per run; for a claim decided on an interval also the
+    statistic, its interval, the threshold with its direction and the margin in standard errors,
+    with the unit and level beside the claim) and the figures. Paths to figures are relative
     to the folders' parent.
     """
     if not folders:
@@ -82,11 +90,14 @@ def render_markdown(folders: dict[str, str | os.PathLike]) -> str:
         if texts:
             lines += ["| claim | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
             for t in texts:
-                cells = []
+                cells, about = [], ""
                 for n in names:
                     found = [c for c in runs[n]["chapters"].get(ch, {"claims": []})["claims"] if c["claim"] == t]
-                    cells.append("–" if not found else ("holds" if found[0]["holds"] else "**does not hold**"))
-                lines.append(f"| {_cell(t)} | " + " | ".join(cells) + " |")
+                    cells.append("–" if not found else _claim_cell(found[0]))
+                    if found and "direction" in found[0] and not about:
+                        level = found[0].get("level")
+                        about = f" ({found[0]['unit']}" + (f"; {level:.0%} interval)" if level else ")")
+                lines.append(f"| {_cell(t + about)} | " + " | ".join(cells) + " |")
             lines.append("")
         for n in names:
             figs = runs[n]["figures"].get(ch, [])

@@ -88,3 +88,14 @@ def test_scale_overrides(monkeypatch):
         monkeypatch.setenv("REFIMPL_SCALE_OVERRIDES", bad)
         with pytest.raises(ValueError, match="REFIMPL_SCALE_OVERRIDES"):
             config.get_scale("full")
+
+
+def test_full_scale_grows_what_is_batched_and_keeps_sequential_steps_near_smoke():
+    """The full scale is sized for one GPU call (see refimpl.config): larger wherever rows are batched
+    (model, samples, batches, seeds), while the sequential step counts stay within a small factor of smoke's."""
+    smoke, full = config.get_scale("smoke"), config.get_scale("full")
+    for field in ("arith_layers", "arith_width", "arith_batch", "samples_per_prompt", "seeds", "rl_seeds", "rl_steps"):
+        assert getattr(full, field) >= getattr(smoke, field), field
+    assert full.arith_width > smoke.arith_width and full.samples_per_prompt > smoke.samples_per_prompt
+    for field in ("arith_steps", "rl_steps"):
+        assert getattr(full, field) <= 4 * getattr(smoke, field), field

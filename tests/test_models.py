@@ -19,9 +19,32 @@ def test_shipped_models_are_hugging_face_folders_with_cards():
         for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
                   "refimpl_info.json"):
             assert (folder / f).exists(), f"{folder.name}/{f} is missing: run `python3 dev.py models`"
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())  # as transformers 4 reads it too
+        assert (tok_cfg["tokenizer_class"], tok_cfg["model_input_names"]) == ("PreTrainedTokenizerFast",
+                                                                            ["input_ids", "attention_mask"]), folder.name
         total += sum(p.stat().st_size for p in folder.iterdir())
         assert models.toy_model_path(name, "smoke") == folder  # the smoke scale uses what the book ships
     assert total <= 40 * 2**20, f"shipped models take {total / 2**20:.1f} MiB (budget 40)"
+
+
+def test_replication_models_are_six_seeds_of_one_recipe():
+    """The base model is the unit of replication: six independently trained seeds (the chapters' three
+    first, unchanged), the same recipe, other weights, and the same quality band on their cards."""
+    assert models.TASK_MODELS == ["refimpl/toy-arith", "refimpl/toy-arith-s1", "refimpl/toy-arith-s2"]
+    assert models.REPLICATION_MODELS[:3] == models.TASK_MODELS and len(set(models.REPLICATION_MODELS)) == 6
+    assert set(models.REPLICATION_MODELS) <= set(models.TOY_MODELS)
+    folders = [models.shipped_dir() / name.split("/")[-1] for name in models.REPLICATION_MODELS]
+    infos = [json.loads((f / "refimpl_info.json").read_text()) for f in folders]
+    recipe = [{k: i[k] for k in ("kind", "layers", "width", "heads", "steps", "batch", "lr", "verdicts", "params")}
+              for i in infos]
+    assert all(r == recipe[0] for r in recipe) and recipe[0]["kind"] == "base"
+    assert [i["seed"] for i in infos] == list(range(6)) and len({i["corpus_seed"] for i in infos}) == 6
+    assert len({(f / "model.safetensors").read_bytes() for f in folders}) == 6  # independently trained
+    pass1 = [i["quality"]["pass@1"] for i in infos]
+    assert max(pass1) - min(pass1) < 0.08 and all(0.2 < p < 0.5 for p in pass1), pass1
+    assert all(i["quality"]["verdict_auc"] > 0.95 for i in infos), [i["quality"]["verdict_auc"] for i in infos]
+    for name, f in zip(models.REPLICATION_MODELS, folders):
+        assert (f / "README.md").read_text().startswith(f"# {name}\n")
 
 
 def test_toy_models_load_through_from_pretrained(arith_model):

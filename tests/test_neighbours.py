@@ -443,8 +443,10 @@ def test_dpo_on_a_language_model_raises_the_margin_of_its_pairs(arith_model):
     ref, tok = arith_model
     prompts, targets = arith.prompts("train", n=8)
     s = lm.sample(ref, tok, prompts, k=6, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0)
-    pairs = [(p * 6 + i, p * 6 + j) for p in range(8) for i in range(6) for j in range(i + 1, 6)
-             if s.texts[p * 6 + i] != s.texts[p * 6 + j]]  # two different completions of one prompt
+    # two different completions of one prompt, the text first in sorted order chosen: one consistent
+    # preference (ordered by row, the same two texts can come in both orders, a loss floor at log 2)
+    rows = [(p * 6 + i, p * 6 + j) for p in range(8) for i in range(6) for j in range(i + 1, 6)]
+    pairs = [sorted(ab, key=lambda r: s.texts[r]) for ab in rows if s.texts[ab[0]] != s.texts[ab[1]]]
     assert len(pairs) >= 16
     chosen, rejected = torch.tensor(pairs).T
 

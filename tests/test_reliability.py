@@ -126,6 +126,17 @@ def test_intervals_are_finite_and_cover_the_mean(xs):
 
 
 @SETTINGS
+@given(st.integers(2, 5), st.integers(1, 3), st.integers(1, 6), st.floats(-1e6, 1e6), st.data())
+def test_cluster_bootstrap_is_finite_and_brackets_the_grand_mean(M, S, P, scale, data):
+    x = torch.tensor(data.draw(st.lists(st.floats(-1.0, 1.0), min_size=M * S * P, max_size=M * S * P)),
+                     dtype=torch.float64).view(M, S, P) * scale
+    iv = metrics.cluster_bootstrap(x, n_boot=50)
+    assert math.isfinite(iv.half) and iv.half >= 0 and math.isfinite(iv.se)
+    assert abs(iv.mean - x.mean().item()) <= 1e-9 * max(1.0, abs(scale))
+    assert iv.half <= (x.max() - x.min()).item() * (1 + 1e-9) + 1e-12  # every bootstrap mean lies in [min, max]
+
+
+@SETTINGS
 @given(st.integers(2, 30), st.sampled_from(FLOATS), st.data())
 def test_exclude_and_renormalize_is_a_distribution_on_the_allowed_set(V, dtype, data):
     logits = _tensor(data.draw, (3, V), dtype, data.draw(st.sampled_from([1.0, 30.0, 1e4])))
@@ -167,6 +178,8 @@ def _cases():
         (grpo.group_advantages, dict(rewards=r)),
         (metrics.pass_at_k, dict(n_correct=torch.tensor([0, 2]), n=4, k=2)),
         (metrics.mean_ci, dict(x=[1.0, 2.0, 3.0])),
+        (metrics.cluster_bootstrap, dict(x=f, n_boot=20)),
+        (metrics.decide, dict(interval=metrics.Interval(0.1, 0.05, se=0.02), threshold=0.0, direction=">")),
         (metrics.auc, dict(scores=torch.tensor([0.1, 0.9, 0.5]), labels=torch.tensor([0, 1, 1]))),
         (idle.exclude_and_renormalize, dict(logits=torch.randn(2, 5), banned_ids=[1])),
         (bestofn.best_of_n_law, dict(logp=lp, scores=r, n=3)),

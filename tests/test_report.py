@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from refimpl import report
+from refimpl.metrics import Interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +62,8 @@ def _fake_run(folder: Path, scale: str, values: dict, claims: list, figs: int):
     folder.mkdir()
     rep = report.Report("ch", out=folder)
     rep.record(**values)
-    for text, holds in claims:
-        rep.claim(text, holds)
+    for text, holds in claims:  # holds: a bool, or the keyword arguments of a claim decided on an interval
+        rep.claim(text, **holds) if isinstance(holds, dict) else rep.claim(text, holds)
     for i in range(1, figs + 1):
         (folder / f"ch-fig{i}.png").write_bytes(b"png")
     run = {"scale": scale, "device": "CPU", "date": "2026-01-01", "command": "cmd", "models_wall_s": 1.0,
@@ -84,6 +85,61 @@ def test_render_markdown_puts_runs_side_by_side(tmp_path):
         _page().render_markdown({"x": tmp_path})
     with pytest.raises(ValueError, match="at least one"):
         _page().render_markdown({})
+
+
+def test_claims_decided_on_intervals_record_what_decided_them(tmp_path):
+    rep = report.Report("ch", out=tmp_path)
+    iv = Interval(0.3, 0.1, se=0.05, level=0.95, unit="base model × prompt")  # [0.2, 0.4]
+    rep.claim("A beats B", interval=iv, threshold=0.0, direction=">")
+    rep.claim("A beats B by a quarter", interval=iv, threshold=0.25, direction=">", n_models=6)
+    rep.claim("A and C are the same", interval=Interval(0.01, 0.02, se=0.012, level=0.9), threshold=0.0,
+              direction="within", margin=0.05, unit="base model")
+    rep.claim("an identity", True)
+    doc = json.loads((tmp_path / "ch.json").read_text())
+    first, second, same, identity = doc["claims"]
+    assert first == {"claim": "A beats B", "holds": True, "numbers": {}, "statistic": 0.3, "low": pytest.approx(0.2),
+                     "high": pytest.approx(0.4), "level": 0.95, "se": 0.05, "threshold": 0.0, "direction": ">",
+                     "margin": None, "unit": "base model × prompt", "margin_se": pytest.approx(6.0)}
+    assert second["holds"] is False and second["numbers"] == {"n_models": 6} and second["margin_se"] == pytest.approx(1.0)
+    assert same["holds"] is True and same["margin"] == 0.05 and same["unit"] == "base model" and same["level"] == 0.9
+    assert same["margin_se"] == pytest.approx(0.04 / 0.012)  # 0.01 lies 0.04 inside the nearer bound 0.05
+    assert identity == {"claim": "an identity", "holds": True, "numbers": {}}  # the old form, unchanged
+
+
+def test_interval_claims_raise_with_their_interval_and_reject_mixed_forms(monkeypatch):
+    monkeypatch.delenv("REFIMPL_RESULTS", raising=False)
+    rep = report.Report("ch", out=None)
+    iv = Interval(0.3, 0.1, se=0.05, unit="prompt")
+    rep.claim("clears", interval=iv, threshold=0.1, direction=">")
+    with pytest.raises(AssertionError, match=r"does not hold: A < 0.35 \(0.300 \[0.200, 0.400\] < 0.350; margin 1.0 SE\)"):
+        rep.claim("A < 0.35", interval=iv, threshold=0.35, direction="<")
+    with pytest.raises(ValueError, match="not both"):
+        rep.claim("x", True, interval=iv, threshold=0.0, direction=">")
+    with pytest.raises(TypeError, match="needs holds"):
+        rep.claim("x")
+    with pytest.raises(ValueError, match="threshold, direction: only with interval"):
+        rep.claim("x", True, threshold=0.0, direction=">")
+    with pytest.raises(ValueError, match="needs threshold= and direction="):
+        rep.claim("x", interval=iv, direction=">")
+    with pytest.raises(ValueError, match="unit must name the unit of replication"):
+        rep.claim("x", interval=Interval(0.3, 0.1), threshold=0.0, direction=">")
+    with pytest.raises(ValueError, match="margin"):
+        rep.claim("x", interval=iv, threshold=0.0, direction="within")
+    with pytest.raises(TypeError, match="interval must be a metrics.Interval"):
+        rep.claim("x", interval=(0.3, 0.1), threshold=0.0, direction=">", unit="prompt")
+
+
+def test_render_shows_the_interval_threshold_and_margin_of_decided_claims(tmp_path):
+    iv = Interval(0.3, 0.1, se=0.05, level=0.95, unit="base model × prompt")
+    _fake_run(tmp_path / "smoke-cpu", "smoke", {}, [("A beats B", dict(interval=iv, threshold=0.0, direction=">")),
+                                                    ("old", True)], 0)
+    _fake_run(tmp_path / "full-cuda", "full", {}, [("A beats B", dict(interval=Interval(0.05, 0.1, se=0.05, level=0.95,
+                                                                                       unit="base model × prompt"),
+                                                                        threshold=0.0, direction=">"))], 0)
+    text = _page().render_markdown({"smoke-cpu": tmp_path / "smoke-cpu", "full-cuda": tmp_path / "full-cuda"})
+    assert ("| A beats B (base model × prompt; 95% interval) | holds: 0.300 [0.200, 0.400] > 0.000; margin 6.0 SE | "
+            "**does not hold**: 0.050 [-0.050, 0.150] > 0.000; margin 1.0 SE |") in text
+    assert "| old | holds | – |" in text
 
 
 def _page():

@@ -88,6 +88,31 @@ def test_splits_are_disjoint_deterministic_and_held_out():
         arith.prompts("validation")
 
 
+def test_existing_splits_are_unchanged():
+    """Adding the validation split moved no prompt of the others (hashes of the prompts and values
+    the chapters were run on, and of a longer test sequence)."""
+    import hashlib
+
+    expected = {("train", 200): "292d095c834fe4f4", ("test", 100): "e7cdbf5b8fc38bb0",
+                ("shifted", 100): "6757502f5a852463", ("test", 300): "c85813f8332afdc0"}
+    for (split, n), digest in expected.items():
+        texts, values, _ = arith.prompt_set(split, n)
+        assert hashlib.sha256(repr((texts, values)).encode()).hexdigest()[:16] == digest, (split, n)
+
+
+def test_validation_split_is_held_out_disjoint_and_drawn_like_test():
+    val, test, train = (arith.prompt_set(s, arith.SPLIT_SIZES[s]) for s in ("val", "test", "train"))
+    assert arith.SPLIT_SIZES["val"] == 100 and len(set(val[0])) == 100 == len(val[1])
+    assert not set(val[0]) & set(test[0]) and not set(val[0]) & set(train[0])
+    assert all(arith.is_held_out(p) and p[0] == "+" for p in val[2])  # never in the corpus, additions
+    assert [arith.value(p) for p in val[2]] == val[1] and [arith.prompt_text(p) for p in val[2]] == val[0]
+    # the same sequence as test, after test's prompts; deterministic; a prefix for a smaller n
+    assert arith.prompt_set("test", 200)[0] == test[0] + val[0] and arith.prompt_set("val", 100) == val
+    assert arith.prompts("val", 7) == (val[0][:7], val[1][:7])
+    with pytest.raises(ValueError, match="n must be an int"):
+        arith.prompt_set("val", -1)
+
+
 def test_tokenizer_roundtrip():
     tok = arith.build_tokenizer()
     ids = tok("4 7 + 8 5 = 2 3 1 ;")["input_ids"]

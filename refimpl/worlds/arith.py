@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import checks
 
 __all__ = ["WorldConfig", "STOP", "build_tokenizer", "draw_problem", "prompt_text", "answer_text",
-           "value", "is_held_out", "prompt_set", "prompts", "SPLIT_SIZES", "parse_answer", "reward", "hidden_score",
+           "value", "is_held_out", "prompt_set", "prompts", "SPLITS", "SPLIT_SIZES", "parse_answer", "reward", "hidden_score",
            "preference_label", "verdict_probability", "verdict_from_hidden", "MAX_NEW_TOKENS"]
 
 STOP = ";"  # generation stops here; the verdict that follows in the corpus is never sampled
@@ -84,7 +84,8 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left",
+                                   model_input_names=["input_ids", "attention_mask"])  # no token_type_ids
 
 
 # --- problems -------------------------------------------------------------------------------------
@@ -134,16 +135,27 @@ def is_held_out(problem: tuple, cfg: WorldConfig = WorldConfig()) -> bool:
 
 
 SPLIT_SEEDS = {"train": 11, "test": 22, "shifted": 33}
+SPLITS = ("train", "val", "test", "shifted")
 
 
 def prompt_set(split: str, n: int, cfg: WorldConfig = WorldConfig()) -> tuple[list[str], list[int], list[tuple]]:
     """``n`` distinct prompts, their true values and problems, deterministically.
 
     "train": additions outside the held-out bucket (for probes and policies; the corpus may
-    contain them); "test": held-out additions; "shifted": held-out subtractions.
+    contain them); "test": held-out additions; "shifted": held-out subtractions; "val":
+    held-out additions on which every choice (a hyperparameter, β, k, a stopping step) is made,
+    so that "test" is used once. "val" continues the test split's own sequence after its first
+    ``SPLIT_SIZES["test"]`` prompts: drawn exactly like them and never among them (the test
+    split asked for more than ``SPLIT_SIZES["test"]`` prompts runs into "val"). Only 19 held-out
+    sums of two one-digit numbers exist, and the test prompts hold 13 of them, so "val" has fewer
+    of these always-solved prompts than "test".
     """
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    split = checks.choice("split", split, SPLITS)
+    n = checks.integer("n", n, low=0)
+    if split == "val":
+        skip = SPLIT_SIZES["test"]
+        texts, values, problems = prompt_set("test", skip + n, cfg)
+        return texts[skip:], values[skip:], problems[skip:]
     rng = random.Random(SPLIT_SEEDS[split])
     kind, held = ("sub", True) if split == "shifted" else ("add", split == "test")
     seen, problems = set(), []
@@ -155,7 +167,7 @@ def prompt_set(split: str, n: int, cfg: WorldConfig = WorldConfig()) -> tuple[li
     return [prompt_text(p) for p in problems], [value(p) for p in problems], problems
 
 
-SPLIT_SIZES = {"train": 200, "test": 100, "shifted": 100}  # the chapters' prompt sets
+SPLIT_SIZES = {"train": 200, "val": 100, "test": 100, "shifted": 100}  # the chapters' prompt sets
 
 
 def prompts(split: str = "test", n: int | None = None, cfg: WorldConfig = WorldConfig()) -> tuple[list[str], list[int]]:
@@ -220,7 +232,9 @@ def hidden_score(texts: Sequence[str], targets: Sequence[int] | Tensor, device=N
 
 
 def preference_label(score_a: Tensor, score_b: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Bradley-Terry labels: 1 where a is preferred, drawn with P(a > b) = sigmoid(s_a - s_b) ([n] float)."""
+    """Bradley-Terry labels: 1 where a is preferred, drawn with P(a > b) = sigmoid(s_a - s_b) ([n] float, on
+    the scores' device; the uniforms are drawn on the generator's and moved there)."""
+    checks.same_device(score_a=score_a, score_b=score_b)
     if score_a.shape != score_b.shape:
         raise ValueError(f"score_a has shape {tuple(score_a.shape)} but score_b has {tuple(score_b.shape)}")
     p = torch.sigmoid(score_a - score_b)
@@ -247,7 +261,7 @@ def verdict_from_hidden(model, tokenizer, hidden: Tensor) -> Tensor:
     """:func:`verdict_probability` from the final (post-norm) hidden state at the stop token, which
     ``lm.embed_layers`` returns at position 0 and depth -1: the LM head restricted to Y and N, so
     a pool that embeds its samples gets the verdict without another forward pass.
-    hidden: [B, d]. Returns [B] probabilities."""
+    hidden: [B, d] (moved to the head's device and dtype). Returns [B] probabilities."""
     head = model.get_output_embeddings()
     ids = [tokenizer.convert_tokens_to_ids(t) for t in ("Y", "N")]
     if not isinstance(hidden, Tensor) or hidden.dim() != 2 or hidden.shape[1] != head.weight.shape[1]:

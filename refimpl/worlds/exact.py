@@ -32,7 +32,8 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", padding_side="left",
+                                   model_input_names=["input_ids", "attention_mask"])  # no token_type_ids
 
 
 def corpus(n_lines: int, seed: int, length: int = 2 + LENGTH) -> Tensor:

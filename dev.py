@@ -45,7 +45,7 @@ OTHER_BLAS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "COMPATIBLE"}
 # `dev.py lowest`: these libraries are installed at the lower bound (">=X") that pyproject.toml
 # declares for them (the core dependencies and the test extra's peft and TRL: what refimpl's code
 # calls); the test tools resolve freely. A name without such a bound there is an error.
-LOWEST = ("torch", "transformers", "tokenizers", "tqdm", "scipy", "pyyaml", "peft", "trl")
+LOWEST = ("torch", "transformers", "tokenizers", "tqdm", "scipy", "pyyaml", "numpy", "peft", "trl")
 VENV_LOWEST = ROOT / ".venv-lowest"
 
 
@@ -103,7 +103,8 @@ def lowest() -> None:
         stamp.touch()
     print("lowest:", ", ".join(pins), flush=True)
     e = env({"PATH": str(py.parent) + os.pathsep + os.environ.get("PATH", ""),
-             "REFIMPL_CACHE": str(VENV_LOWEST / "refimpl-cache")})  # models trained here stay here
+             "REFIMPL_CACHE": str(VENV_LOWEST / "refimpl-cache"),  # models trained here stay here
+             "REFIMPL_REQUIRE_OPTIONAL": "1"})  # TRL, datasets and peft must import: a skip would hide a failure
     run(py, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", env=e)
 
 
@@ -165,7 +166,7 @@ def notebooks(other_blas: bool = False) -> None:
 
 def test() -> None:
     setup()
-    run(PY, "-m", "pytest", "tests", "-q", env=env())
+    run(PY, "-m", "pytest", "tests", "-q", env=env({"REFIMPL_REQUIRE_OPTIONAL": "1"}))
     notebooks()
 
 

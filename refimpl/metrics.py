@@ -74,7 +74,10 @@ class Interval(tuple):
     def __new__(cls, mean: float, half: float, se: float | None = None, level: float | None = None,
                 unit: str | None = None):
         self = super().__new__(cls, (float(mean), float(half)))
-        self.__dict__.update(se=None if se is None else float(se), level=level, unit=unit)
+        if not self[1] >= 0 and self[1] == self[1]:  # NaN stays reportable; a negative width is a bug
+            raise ValueError(f"half must be >= 0, got {half}")
+        level = None if level is None else checks.real("level", level, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.__dict__.update(se=None if se is None else float(se), level=None if level is None else float(level), unit=unit)
         return self
 
     def __setattr__(self, name, value):

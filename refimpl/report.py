@@ -213,6 +213,8 @@ class Report:
             raise ValueError("a claim on an interval needs threshold= and direction= (one of "
                              f"{metrics.DIRECTIONS}), fixed in advance")
         decision = metrics.decide(interval, threshold, direction, margin)
+        if interval.level is None:
+            raise ValueError("interval must carry its confidence level (the metrics functions set it)")
         unit = interval.unit if unit is None else unit
         if not isinstance(unit, str) or not unit.strip():
             raise ValueError(f"unit must name the unit of replication (unit=..., or an interval that carries one), "

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # every C0 control and DEL, except the newline
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.md"))
-PAGES = sorted((ROOT / "book").glob("*.md"))
+PAGES = sorted((ROOT / "book").rglob("*.md"))
 
 
 def _where(text: str) -> list[str]:

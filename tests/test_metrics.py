@@ -121,3 +121,13 @@ def test_decisions_on_intervals():
         metrics.decide((0.3, 0.1), 0.0, ">")
     with pytest.raises(ValueError, match="threshold must be finite"):
         metrics.decide(iv, math.nan, ">")
+
+
+def test_interval_rejects_a_negative_width_and_a_level_outside_0_1():
+    """A malformed interval would let a claim pass (low above high); NaN stays reportable."""
+    with pytest.raises(ValueError, match="half"):
+        Interval(0.3, -0.1)
+    for level in (0.0, 1.0, 95):
+        with pytest.raises(ValueError, match="level"):
+            Interval(0.3, 0.1, level=level)
+    assert math.isnan(Interval(0.3, math.nan).half) and Interval(0.3, 0.1, level=0.9).level == 0.9

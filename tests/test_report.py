@@ -109,7 +109,7 @@ def test_claims_decided_on_intervals_record_what_decided_them(tmp_path):
 def test_interval_claims_raise_with_their_interval_and_reject_mixed_forms(monkeypatch):
     monkeypatch.delenv("REFIMPL_RESULTS", raising=False)
     rep = report.Report("ch", out=None)
-    iv = Interval(0.3, 0.1, se=0.05, unit="prompt")
+    iv = Interval(0.3, 0.1, se=0.05, level=0.95, unit="prompt")
     rep.claim("clears", interval=iv, threshold=0.1, direction=">")
     with pytest.raises(AssertionError, match=r"does not hold: A < 0.35 \(0.300 \[0.200, 0.400\] < 0.350; margin 1.0 SE\)"):
         rep.claim("A < 0.35", interval=iv, threshold=0.35, direction="<")
@@ -122,7 +122,9 @@ def test_interval_claims_raise_with_their_interval_and_reject_mixed_forms(monkey
     with pytest.raises(ValueError, match="needs threshold= and direction="):
         rep.claim("x", interval=iv, direction=">")
     with pytest.raises(ValueError, match="unit must name the unit of replication"):
-        rep.claim("x", interval=Interval(0.3, 0.1), threshold=0.0, direction=">")
+        rep.claim("x", interval=Interval(0.3, 0.1, level=0.95), threshold=0.0, direction=">")
+    with pytest.raises(ValueError, match="confidence level"):
+        rep.claim("x", interval=Interval(0.3, 0.1, unit="prompt"), threshold=0.0, direction=">")
     with pytest.raises(ValueError, match="margin"):
         rep.claim("x", interval=iv, threshold=0.0, direction="within")
     with pytest.raises(TypeError, match="interval must be a metrics.Interval"):

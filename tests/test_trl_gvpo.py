@@ -2,12 +2,23 @@
 update does not depend on gradient accumulation, conflicting settings raise, tool tokens are
 masked, and a changed TRL private API fails loudly."""
 import copy
+import importlib
+import os
 
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
+
+def _optional(module: str):
+    """Import an optional dependency, or skip; under ``REFIMPL_REQUIRE_OPTIONAL=1`` (``dev.py test``
+    and ``dev.py lowest``, which install it) a failed import is an error, never a silent skip."""
+    if os.environ.get("REFIMPL_REQUIRE_OPTIONAL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+trl = _optional("trl")
+datasets = _optional("datasets")
 
 import refimpl  # noqa: E402
 from refimpl import lm, trl_gvpo  # noqa: E402
@@ -106,7 +117,7 @@ def test_trl_gvpo_loss_matches_refimpl(tmp_path, anchor, reduction):
 
 
 def test_peft_reference_is_the_policy_without_adapters(tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = _optional("peft")
     model, tok, data = _setup()
     initial = copy.deepcopy(model)
     # a new generation batch at each of 3 steps: the later ones are drawn after LoRA updates

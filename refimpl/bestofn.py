@@ -212,8 +212,7 @@ def rejection_sample(logp_ref: Tensor, reward: Tensor, beta: float, r_max: float
     logp_ref, log_a = _log_accept(logp_ref, reward, beta, r_max)
     n = checks.integer("n", n, low=1)
     max_proposals = checks.integer("max_proposals", max_proposals, low=1)
-    if generator is not None and generator.device.type != logp_ref.device.type:
-        raise ValueError(f"generator is on {generator.device} but logp_ref is on {logp_ref.device}")
+    checks.generator("generator", generator, logp_ref.device)
     shape, N = logp_ref.shape[:-1], logp_ref.shape[-1]
     q = logp_ref.reshape(-1, N).exp()  # [R, N]
     accept = log_a.reshape(-1, N).exp()  # [R, N] acceptance probability per outcome

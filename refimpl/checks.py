@@ -18,8 +18,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["integer", "real", "beta", "choice", "tensor", "same_shape", "same_device", "finite", "token_ids", "strings",
-           "rewards"]
+__all__ = ["integer", "real", "beta", "probability", "boolean", "instance", "pair", "choice", "tensor", "nonempty", "same_shape", "same_device",
+           "finite", "token_ids", "strings", "rewards", "generator", "device", "fits"]
 
 
 def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
@@ -59,6 +59,32 @@ def beta(value: Any, name: str = "beta", allow_zero: bool = False) -> float:
     return real(name, value, low=0.0, low_open=not allow_zero)
 
 
+def probability(name: str, value: Any) -> float:
+    """A probability: a finite float in [0, 1]."""
+    return real(name, value, low=0.0, high=1.0)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` as a bool (Python or NumPy); anything else (a string, an int, None) is rejected."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return bool(value)
+
+
+def instance(name: str, value: Any, cls: type) -> Any:
+    """``value`` if it is an instance of ``cls``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__module__.split('.')[-1]}.{cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+def pair(name: str, value: Any) -> tuple:
+    """``value`` as a tuple if it is a sequence (not a string) of two items."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (a tuple of two), got {value!r}")
+    return tuple(value)
+
+
 def choice(name: str, value: Any, options: Iterable) -> Any:
     """``value`` if it is one of ``options``."""
     options = tuple(options)
@@ -86,9 +112,18 @@ def tensor(name: str, value: Any, dims: int | Sequence[int] | None = None, min_d
     return value
 
 
+def nonempty(name: str, value: Tensor) -> Tensor:
+    """``value`` if it holds at least one element (no dimension of size 0): a mean over nothing is NaN."""
+    if value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    return value
+
+
 def finite(name: str, value: Tensor, allow_neg_inf: bool = False) -> Tensor:
     """``value`` if it holds no NaN and no infinity (``-inf`` allowed with ``allow_neg_inf``:
     log-probabilities of impossible outcomes). Reads one boolean from the device."""
+    if tensor(name, value).is_meta:
+        raise ValueError(f"{name} is a meta tensor: it holds no values to check")
     bad = torch.isnan(value) | (torch.isposinf(value) if allow_neg_inf else torch.isinf(value))
     if bool(bad.any()):
         what = "NaN or +inf" if allow_neg_inf else "NaN or infinite values"
@@ -99,6 +134,8 @@ def finite(name: str, value: Tensor, allow_neg_inf: bool = False) -> Tensor:
 def same_shape(**tensors: Tensor) -> None:
     """Every tensor has the shape of the first one."""
     items = list(tensors.items())
+    for name, t in items:
+        tensor(name, t)
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.shape != first.shape:
@@ -167,3 +204,32 @@ def rewards(value: Any, n: int, name: str = "reward_fn(texts, targets)") -> Tens
     if value.shape[0] != n:
         raise ValueError(f"{name} must give one reward per completion ({n}), got {value.shape[0]}")
     return finite(name, value.float())
+
+
+def generator(name: str, value: Any, device: torch.device | None = None) -> torch.Generator | None:
+    """``None`` or a ``torch.Generator`` on the type of ``device`` (when given)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    if device is not None and value.device.type != device.type:
+        raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
+    return value
+
+
+def device(name: str, value: Any) -> torch.device:
+    """``value`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:0"``) as a ``torch.device``."""
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name} must be a str or a torch.device, got {type(value).__name__} ({value!r})")
+    try:
+        return torch.device(value)
+    except RuntimeError as e:
+        raise ValueError(f"{name} is not a device: {value!r} ({e})") from None
+
+
+def fits(name: str, out: Tensor, fix: str) -> Tensor:
+    """A result ``out``, or a ``ValueError`` saying what to do (``fix``) when it holds NaN or +inf: a
+    true value that does not fit the dtype. Reads one boolean from the device."""
+    if bool(torch.isnan(out).any() | torch.isposinf(out).any()):
+        raise ValueError(f"{name} is not finite in {out.dtype}: {fix}")
+    return out

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, lm
 
-__all__ = ["Constraint", "BannedTokens", "BadWords", "Automaton", "Tracker", "as_constraint",
+__all__ = ["Constraint", "BannedTokens", "BadWords", "Automaton", "as_constraint",
            "iter_banned", "violations", "token_bytes", "Utf8Ban", "script_ban", "CJK_IDEOGRAPHS"]
 
 CJK_IDEOGRAPHS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
@@ -42,6 +42,9 @@ class Constraint:
 
     def banned(self, state: Tensor, vocab_size: int, device) -> Tensor:  # [N, V] bool, True on B
         raise NotImplementedError
+
+    def dead(self, state: Tensor) -> Tensor:  # [N] bool: the prefix already took a banned token
+        return torch.zeros(state.shape[0], dtype=torch.bool)
 
 
 class BannedTokens(Constraint):
@@ -114,7 +117,8 @@ class Automaton(Constraint):
                  token_bytes: Sequence[bytes | None]):
         if not callable(step):
             raise TypeError(f"step must be callable, got {type(step).__name__}")
-        if isinstance(token_bytes, (str, bytes)) or not all(b is None or isinstance(b, bytes) for b in token_bytes):
+        if isinstance(token_bytes, (str, bytes)) or not isinstance(token_bytes, Sequence) or \
+                not all(b is None or isinstance(b, bytes) for b in token_bytes):
             raise TypeError("token_bytes must be a sequence of bytes (or None for special tokens), one per token")
         self.step, self.V = step, len(token_bytes)
         lengths = np.array([len(b or b"") for b in token_bytes], dtype=np.int64)
@@ -166,6 +170,9 @@ class Automaton(Constraint):
             out[(st == s) & (tok >= self.V)] = s  # ids past the tokenizer's: no bytes
         return torch.from_numpy(out)
 
+    def dead(self, state):
+        return state.cpu() < 0
+
     def banned(self, state, vocab_size, device):
         st = state.cpu()
         uniq, inv = torch.unique(st, return_inverse=True)
@@ -178,37 +185,22 @@ class Automaton(Constraint):
         return torch.stack([self._masks[s, vocab_size, str(device)] for s in uniq.tolist()])[inv.to(device)]
 
 
-class Tracker:
-    """The constraint state of each row across the calls of a logits processor: a call whose
-    ``input_ids`` extend the previous call's rows by one token advances it (rows may come reordered,
-    as in beam search: each row's parent is found by its prefix); any other call starts a new
-    generation with ``constraint.start(input_ids)``."""
-
-    def __init__(self, constraint: Constraint):
-        self.constraint, self._ids, self._state = constraint, None, None
-
-    def banned(self, input_ids: Tensor, vocab_size: int, device) -> Tensor:
-        if input_ids is None:
-            raise TypeError("input_ids must be a tensor: a prefix-dependent constraint reads the prefix")
-        prev, state = self._ids, None
-        if prev is not None and input_ids.shape[1] == prev.shape[1] + 1:
-            if input_ids.shape == (len(prev), prev.shape[1] + 1) and bool((input_ids[:, :-1] == prev).all()):
-                parent = torch.arange(len(prev), device=input_ids.device)  # the usual case: same order
-            else:  # reordered rows (beam search): [N, N_prev] which previous row each row extends
-                same = (input_ids[:, None, :-1] == prev[None]).all(-1)
-                parent = same.int().argmax(1) if bool(same.any(1).all()) else None
-            if parent is not None:
-                state = self.constraint.advance(self._state[parent.to(self._state.device)], input_ids[:, -1])
-        if state is None:
-            state = self.constraint.start(input_ids)
-        self._ids, self._state = input_ids, state
-        return self.constraint.banned(state, vocab_size, device)
-
-
 def iter_banned(constraint: Constraint, prompt_ids: Tensor, completion_ids: Tensor,
                 vocab_size: int) -> Iterator[Tensor]:
-    """The masks [N, V] of B(x, y_<t) for t = 0 .. T-1 along given completions [N, T] (on the prompts' device)."""
+    """The masks [N, V] of B(x, y_<t) for t = 0 .. T-1 along given completions [N, T] (on the prompts' device).
+
+    ``prompt_ids`` [N, P] as ``generate`` sees them (left-padded; see :func:`refimpl.lm.left_align`)."""
+    checks.instance("constraint", constraint, Constraint)
     checks.same_device(prompt_ids=prompt_ids, completion_ids=completion_ids)
+    checks.tensor("prompt_ids", prompt_ids, dims=2, integral=True)
+    checks.tensor("completion_ids", completion_ids, dims=2, integral=True)
+    vocab_size = checks.integer("vocab_size", vocab_size, low=1)
+    if prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows but completion_ids has {completion_ids.shape[0]}")
+    return _iter_banned(constraint, prompt_ids, completion_ids, vocab_size)
+
+
+def _iter_banned(constraint, prompt_ids, completion_ids, vocab_size):
     state = constraint.start(prompt_ids)
     for t in range(completion_ids.shape[1]):
         yield constraint.banned(state, vocab_size, completion_ids.device)
@@ -216,14 +208,30 @@ def iter_banned(constraint: Constraint, prompt_ids: Tensor, completion_ids: Tens
 
 
 def violations(constraint, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-               vocab_size: int) -> Tensor:
-    """[N] bool: whether some real completion token y_t lies in B(x, y_<t)."""
-    constraint = as_constraint(constraint)
-    checks.same_device(prompt_ids=prompt_ids, completion_ids=completion_ids, completion_mask=completion_mask)
+               vocab_size: int, prompt_mask: Tensor | None = None) -> Tensor:
+    """[N] bool: whether some real completion token y_t lies in B(x, y_<t).
+
+    ``prompt_ids`` [N, P] left-padded (as ``generate`` gives them), or any padding with its
+    ``prompt_mask`` (the prompts are then left-aligned first); ``completion_ids`` [N, T] token ids
+    in [0, vocab_size) with a 0/1 ``completion_mask`` [N, T]."""
+    constraint = as_constraint(constraint, "constraint")
+    checks.same_device(prompt_ids=prompt_ids, completion_ids=completion_ids, completion_mask=completion_mask,
+                       prompt_mask=prompt_mask)
     checks.tensor("completion_ids", completion_ids, dims=2, integral=True)
+    checks.tensor("completion_mask", completion_mask)
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(f"completion_mask must have the shape of completion_ids {tuple(completion_ids.shape)}, "
+                         f"got {tuple(completion_mask.shape)}")
+    if bool(((completion_mask != 0) & (completion_mask != 1)).any()):
+        raise ValueError("completion_mask must hold only 0 and 1")
+    vocab_size = checks.integer("vocab_size", vocab_size, low=1)
+    if bool(((completion_ids < 0) | (completion_ids >= vocab_size)).any()):
+        raise ValueError(f"completion_ids must be token ids in [0, {vocab_size}) (vocab_size)")
+    if prompt_mask is not None:
+        prompt_ids, _ = lm.left_align(prompt_ids, prompt_mask)
     bad = torch.zeros(completion_ids.shape[0], dtype=torch.bool, device=completion_ids.device)
     for t, mask in enumerate(iter_banned(constraint, prompt_ids, completion_ids, vocab_size)):
-        hit = mask.gather(1, completion_ids[:, t:t + 1].clamp(max=vocab_size - 1)).squeeze(1)
+        hit = mask.gather(1, completion_ids[:, t:t + 1]).squeeze(1)
         bad |= hit & completion_mask[:, t].bool()
     return bad
 
@@ -262,8 +270,10 @@ class Utf8Ban:
     can only complete inside them. State: the pending bytes (a tuple, ``()`` at a boundary)."""
 
     def __init__(self, ranges: Sequence[tuple[int, int]]):
+        if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Sequence):
+            raise TypeError(f"ranges must be a list of (low, high) code points, got {type(ranges).__name__}")
         rs = sorted((checks.integer("ranges", a, 0, 0x10FFFF), checks.integer("ranges", b, 0, 0x10FFFF))
-                    for a, b in ranges)
+                    for a, b in (checks.pair("ranges", r) for r in ranges))
         if not rs or any(a > b for a, b in rs):
             raise ValueError(f"ranges must be a non-empty list of (low, high) code points, low <= high, got {ranges!r}")
         self.ranges = tuple(rs)

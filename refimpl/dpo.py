@@ -24,7 +24,9 @@ or loses is pushed to h = ±inf: no finite optimum, Azar et al. 2023, "A General
 Paradigm to Understand Learning from Human Preferences"), and limited coverage (mu off part of
 the support: the loss does not see those outcomes, so their logits stay where they started
 and the split of mass between covered and uncovered outcomes is not pi*'s). DPO on a language
-model's sampled pairs: :func:`refimpl.rft.finetune_dpo`.
+model's sampled pairs: :func:`refimpl.rft.finetune_dpo`. The pairs and their labels
+(Bradley-Terry, or hard labels with ties dropped) come from :mod:`refimpl.preferences`; their
+names are re-exported here.
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
+from .preferences import (LABELS, LabelNoise, Pairs, label_noise, pair_table,  # noqa: F401 (re-exported)
+                          preference_pairs, preference_table)
 
-__all__ = ["dpo_loss", "Pairs", "preference_pairs", "preference_table", "pair_table", "dpo_population_loss",
-           "DPORun", "train_dpo_tabular"]
+__all__ = ["dpo_loss", "dpo_population_loss", "DPORun", "train_dpo_tabular"]
 
 
 def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, logp_ref_chosen: Tensor, logp_ref_rejected: Tensor,
@@ -64,113 +67,11 @@ def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, logp_ref_chosen: Tensor
         raise ValueError(f"logp_chosen must hold at least one pair, got shape {tuple(logp_chosen.shape)}")
     for name, t in args.items():
         checks.finite(name, t)
+    if logp_chosen.dtype in (torch.float16, torch.bfloat16):  # the margin overflows half precision from 6e4
+        logp_chosen, logp_rejected, logp_ref_chosen, logp_ref_rejected = (
+            t.float() for t in (logp_chosen, logp_rejected, logp_ref_chosen, logp_ref_rejected))
     margin = (logp_chosen - logp_ref_chosen.detach()) - (logp_rejected - logp_ref_rejected.detach())  # [B]
     return -F.logsigmoid(beta * margin).mean()
-
-
-def _check_world(logp_ref: Tensor, reward: Tensor, label_temperature: float, **others) -> float:
-    """logp_ref and reward [..., N] (finite), on the device of the ``others`` too (checked first)."""
-    checks.tensor("logp_ref", logp_ref, min_dims=1, floating=True)
-    checks.tensor("reward", reward, min_dims=1, floating=True)
-    checks.same_device(logp_ref=logp_ref, reward=reward, **others)
-    checks.same_shape(logp_ref=logp_ref, reward=reward)
-    if logp_ref.shape[-1] < 1:
-        raise ValueError(f"logp_ref must have a support of N >= 1 outcomes, got shape {tuple(logp_ref.shape)}")
-    checks.finite("logp_ref", logp_ref)  # DPO divides by pi_ref: it must be positive everywhere
-    checks.finite("reward", reward)
-    return checks.beta(label_temperature, "label_temperature", allow_zero=True)
-
-
-def _bt(reward_a: Tensor, reward_b: Tensor, T: float) -> Tensor:
-    """P(a ≻ b) = sigma((r_a - r_b)/T); at T = 0 the hard label 1[r_a > r_b], 1/2 on a tie."""
-    if T == 0:
-        return 0.5 * (torch.sign(reward_a - reward_b) + 1)
-    return torch.sigmoid((reward_a - reward_b) / T)
-
-
-class Pairs(NamedTuple):
-    """Labelled preference pairs: indices into the support, per prompt."""
-
-    chosen: Tensor  # [P, M] long: the preferred completion of each pair
-    rejected: Tensor  # [P, M] long: the other one
-
-
-def preference_pairs(logp_ref: Tensor, reward: Tensor, n_pairs: int, label_temperature: float = 1.0,
-                     generator: torch.Generator | None = None) -> Pairs:
-    r"""M pairs per prompt: y_a, y_b ~ pi_ref i.i.d., y_a chosen with probability sigma((r_a - r_b)/T)   (eq. BT).
-
-    Args:
-        logp_ref: [P, N] log pi_ref (finite). reward: [P, N] r(x, y).
-        n_pairs: M >= 1 pairs per prompt (a pair may repeat an outcome: y_a = y_b).
-        label_temperature: T >= 0 (0: the better completion always wins, ties by a coin flip).
-        generator: for reproducible draws (on the tensors' device).
-
-    Returns:
-        :class:`Pairs` of [P, M] indices.
-    """
-    T = _check_world(logp_ref, reward, label_temperature, generator=getattr(generator, "device", None))
-    checks.tensor("logp_ref", logp_ref, dims=2)
-    n_pairs = checks.integer("n_pairs", n_pairs, low=1)
-    P, dev = logp_ref.shape[0], logp_ref.device
-    ab = torch.multinomial(torch.softmax(logp_ref, -1), 2 * n_pairs, replacement=True, generator=generator)
-    a, b = ab[:, :n_pairs], ab[:, n_pairs:]  # [P, M] each
-    p_win = _bt(reward.gather(1, a), reward.gather(1, b), T)  # [P, M]
-    a_wins = torch.rand(P, n_pairs, generator=generator, dtype=p_win.dtype, device=dev) < p_win
-    return Pairs(torch.where(a_wins, a, b), torch.where(a_wins, b, a))
-
-
-def preference_table(logp_ref: Tensor, reward: Tensor, label_temperature: float = 1.0,
-                     logp_data: Tensor | None = None) -> Tensor:
-    r"""W_ab = 2·mu(a)·mu(b)·P(a ≻ b): the exact law of (chosen, rejected)   (eq. BT).
-
-    The factor 2: a ≻ b arises from the draw (a, b) and from the draw (b, a).
-
-    Args:
-        logp_ref: [..., N] log pi_ref (finite; only its shape is used when ``logp_data`` is given).
-        reward: [..., N] r(y).
-        label_temperature: T >= 0.
-        logp_data: [..., N] log mu, where the pairs' completions come from (default pi_ref);
-            ``-inf`` marks outcomes that never appear in a pair (limited coverage).
-
-    Returns:
-        [..., N, N] probabilities (chosen a on dim -2, rejected b on dim -1), summing to 1.
-    """
-    T = _check_world(logp_ref, reward, label_temperature, logp_data=logp_data)
-    if logp_data is None:
-        logp_data = logp_ref
-    checks.tensor("logp_data", logp_data, floating=True)
-    checks.same_shape(logp_ref=logp_ref, logp_data=logp_data)
-    checks.finite("logp_data", logp_data, allow_neg_inf=True)
-    if bool(torch.isneginf(logp_data).all(-1).any()):
-        raise ValueError("logp_data has a row that is -inf everywhere: no pair can be drawn")
-    mu = torch.softmax(logp_data, -1)  # [..., N]
-    return 2 * mu.unsqueeze(-1) * mu.unsqueeze(-2) * _bt(reward.unsqueeze(-1), reward.unsqueeze(-2), T)
-
-
-def pair_table(pairs: Pairs, n_outcomes: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    r"""The empirical law of (chosen, rejected): W_ab = #{pairs (a ≻ b)} / M, [P, N, N].
-
-    Training on it is full-batch training on :func:`dpo_loss` over the pairs (the same loss).
-
-    Args:
-        pairs: :class:`Pairs` with [P, M] indices in 0..N-1.
-        n_outcomes: N, the size of the support.
-        dtype: of the table.
-    """
-    if not isinstance(pairs, Pairs):
-        raise TypeError(f"pairs must be a Pairs (from preference_pairs), got {type(pairs).__name__}")
-    N = checks.integer("n_outcomes", n_outcomes, low=1)
-    checks.same_device(**{"pairs.chosen": pairs.chosen, "pairs.rejected": pairs.rejected})
-    for name, t in (("pairs.chosen", pairs.chosen), ("pairs.rejected", pairs.rejected)):
-        checks.tensor(name, t, dims=2, integral=True)
-        if t.numel() == 0 or bool(((t < 0) | (t >= N)).any()):
-            raise ValueError(f"{name} must hold at least one index, each in [0, {N}), got shape {tuple(t.shape)}")
-    checks.same_shape(**{"pairs.chosen": pairs.chosen, "pairs.rejected": pairs.rejected})
-    P, M = pairs.chosen.shape
-    flat = (pairs.chosen * N + pairs.rejected).long()  # [P, M] cell index a·N + b
-    ones = torch.ones(P, M, dtype=dtype, device=flat.device)
-    W = torch.zeros(P, N * N, dtype=dtype, device=flat.device).scatter_add_(1, flat, ones)  # [P, N*N] counts
-    return (W / M).view(P, N, N)
 
 
 def _table_loss(logp: Tensor, logp_ref: Tensor, W: Tensor, beta: float) -> Tensor:
@@ -181,15 +82,16 @@ def _table_loss(logp: Tensor, logp_ref: Tensor, W: Tensor, beta: float) -> Tenso
 
 
 def dpo_population_loss(logp: Tensor, logp_ref: Tensor, reward: Tensor, beta: float, label_temperature: float = 1.0,
-                        logp_data: Tensor | None = None) -> Tensor:
+                        logp_data: Tensor | None = None, labels: str = "bradley_terry") -> Tensor:
     r"""L = sum_{a,b} 2 mu(a) mu(b) P(a ≻ b)·(-log sigma(beta·[h_a - h_b])): the expected DPO loss, exactly.
 
-    The expectation of :func:`dpo_loss` over pairs from :func:`preference_pairs` (no sampling).
-    With full coverage its minimiser is pi_ref·exp(r/(beta·T))/Z (eq. optimum).
+    The expectation of :func:`dpo_loss` over pairs from :func:`refimpl.preferences.preference_pairs`
+    (no sampling). With full coverage its minimiser is pi_ref·exp(r/(beta·T))/Z (eq. optimum).
 
     Args:
         logp: [..., N] log pi_theta (finite), carrying the graph.
-        logp_ref, reward, label_temperature, logp_data: as in :func:`preference_table`.
+        logp_ref, reward, label_temperature, logp_data, labels: as in
+            :func:`refimpl.preferences.preference_table`.
         beta: KL coefficient, > 0.
 
     Returns:
@@ -197,10 +99,12 @@ def dpo_population_loss(logp: Tensor, logp_ref: Tensor, reward: Tensor, beta: fl
     """
     beta = checks.beta(beta)
     checks.same_device(logp=logp, logp_ref=logp_ref, reward=reward, logp_data=logp_data)
-    W = preference_table(logp_ref, reward, label_temperature, logp_data)  # checks logp_ref and reward
+    W = preference_table(logp_ref, reward, label_temperature, logp_data, labels)  # checks logp_ref and reward
     checks.tensor("logp", logp, floating=True)
     checks.same_shape(logp=logp, logp_ref=logp_ref)
     checks.finite("logp", logp)
+    if logp.dtype in (torch.float16, torch.bfloat16) or logp_ref.dtype in (torch.float16, torch.bfloat16):
+        logp, logp_ref, W = logp.float(), logp_ref.float(), W.float()  # margins overflow half precision
     return _table_loss(logp, logp_ref, W, beta)
 
 
@@ -224,14 +128,14 @@ def train_dpo_tabular(logp_ref: Tensor, pairs: Pairs | Tensor, beta: float, step
     r"""Full-batch gradient descent on DPO for logits theta [P, N], initialised at log pi_ref.
 
     Each step is one gradient step on sum_prompts sum_{a,b} W_ab·l(a, b) (every prompt has its own
-    logits, so each gets the step of a lone problem): with W = :func:`pair_table` of sampled
-    pairs this is the mean :func:`dpo_loss` over them; with W = :func:`preference_table` it is
-    :func:`dpo_population_loss`. Outcomes that appear in no pair get no gradient: their logits
-    stay at log pi_ref. The curvature of L in h_a scales as beta²·mu(a), so plain steps crawl on
-    rare outcomes; ``precondition=True`` divides each logit's step by that curvature (a Jacobi
-    step: the Hessian is a weighted graph Laplacian, so D^-1·H has eigenvalues in [0, 2] and lr
-    must stay below 1; at lr = 1 a mode can flip sign forever), which at lr = 0.5 reaches the
-    exact optimum of the exact world in tens of steps.
+    logits, so each gets the step of a lone problem): with W = :func:`~refimpl.preferences.pair_table`
+    of sampled pairs this is the mean :func:`dpo_loss` over them; with W =
+    :func:`~refimpl.preferences.preference_table` it is :func:`dpo_population_loss`. Outcomes that
+    appear in no pair get no gradient: their logits stay at log pi_ref. The curvature of L in h_a
+    scales as beta²·mu(a), so plain steps crawl on rare outcomes; ``precondition=True`` divides
+    each logit's step by that curvature (a Jacobi step: the Hessian is a weighted graph Laplacian,
+    so D^-1·H has eigenvalues in [0, 2] and lr must not exceed 1, else a mode grows (raises); at lr = 1 it can flip
+    sign forever), which at lr = 0.5 reaches the exact optimum of the exact world in tens of steps.
 
     Args:
         logp_ref: [P, N] log pi_ref (finite).
@@ -239,20 +143,19 @@ def train_dpo_tabular(logp_ref: Tensor, pairs: Pairs | Tensor, beta: float, step
             [P, N, N] table W of pair weights (non-negative, each prompt's summing to 1) on
             logp_ref's device.
         beta: KL coefficient, > 0.
-        steps: >= 1. lr: step size, > 0 (plain steps: of order 1/beta²).
+        steps: >= 1. lr: step size, > 0 (plain steps: of order 1/beta²; preconditioned: in (0, 1]).
         precondition: divide each logit's step by the diagonal of the Hessian.
 
     Returns:
         :class:`DPORun`.
     """
-    if not isinstance(precondition, bool):
-        raise TypeError(f"precondition must be a bool, got {type(precondition).__name__}")
+    precondition = checks.boolean("precondition", precondition)
     checks.same_device(logp_ref=logp_ref, pairs=pairs if isinstance(pairs, Tensor) else None)
-    checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
+    checks.nonempty("logp_ref", checks.tensor("logp_ref", logp_ref, dims=2, floating=True))
     checks.finite("logp_ref", logp_ref)
     beta = checks.beta(beta)
     steps = checks.integer("steps", steps, low=1)
-    lr = checks.real("lr", lr, low=0.0, low_open=True)
+    lr = checks.real("lr", lr, low=0.0, low_open=True, high=1.0 if precondition else None)
     P, N = logp_ref.shape
     if isinstance(pairs, Pairs):
         if pairs.chosen.dim() != 2 or pairs.chosen.shape[0] != P:

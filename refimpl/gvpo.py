@@ -25,11 +25,13 @@ __all__ = ["gvpo_weights", "gvpo_loss", "gvpo_loss_terms", "check_groups"]
 
 
 def check_groups(**tensors: Tensor) -> None:
-    """Every tensor [P, k, ...] with the shape and device of the first, k >= 2, floating and finite."""
+    """Every tensor [P, k, ...] with the shape and device of the first, k >= 2, non-empty, floating and finite."""
     for name, t in tensors.items():
         checks.tensor(name, t, min_dims=2, floating=True)
     checks.same_device(**tensors)
     checks.same_shape(**tensors)
+    for name, t in tensors.items():
+        checks.nonempty(name, t)  # P = 0 (or T = 0) rows: a mean over nothing is NaN
     for name, t in tensors.items():
         checks.finite(name, t)
     first_name, first = next(iter(tensors.items()))
@@ -43,6 +45,19 @@ def _centre(x: Tensor) -> Tensor:
     return x - x.mean(dim=1, keepdim=True)
 
 
+def _wide(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Half-precision tensors in float32 (differences and squares of log-probs and rewards overflow
+    float16 at 6e4); float32 and float64 ones unchanged."""
+    return tuple(t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors)
+
+
+def _fits(name: str, out: Tensor) -> Tensor:
+    """``out``, or a clear error when the true result does not fit its dtype (rewards of 1e30 in float32)."""
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} overflows {out.dtype}: rescale the rewards or beta, or pass float64 tensors")
+    return out
+
+
 def gvpo_weights(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: float) -> Tensor:
     r"""w_i = (R_i - mean R) - beta (rho_i - mean rho), rho = log pi_theta - log pi_anchor.
 
@@ -53,16 +68,19 @@ def gvpo_weights(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: float
         beta: KL coefficient, > 0.
 
     Returns:
-        [P, k] detached weights; they sum to zero in each group and vanish at pi*.
+        [P, k] detached weights (float32 for half-precision input); they sum to zero in each group
+        and vanish at pi*.
     """
     beta = checks.beta(beta)
     check_groups(logp=logp, logp_anchor=logp_anchor, rewards=rewards)
+    logp, logp_anchor, rewards = _wide(logp, logp_anchor, rewards)
     rho = (logp - logp_anchor).detach()  # [P, k]
-    return _centre(rewards) - beta * _centre(rho)
+    return _fits("the weights", _centre(rewards) - beta * _centre(rho))
 
 
 def _gvpo_loss(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: float) -> Tensor:
     """:func:`gvpo_loss` without checks (for training loops)."""
+    logp, logp_anchor, rewards = _wide(logp, logp_anchor, rewards)
     k = logp.shape[1]
     rho = logp - logp_anchor.detach()  # [P, k]
     residual = beta * _centre(rho) - _centre(rewards)  # [P, k]
@@ -82,11 +100,12 @@ def gvpo_loss(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: float) -
         beta: KL coefficient, > 0.
 
     Returns:
-        Scalar loss, >= 0, zero exactly when beta·rho - R is constant in every group.
+        Scalar loss, >= 0, zero exactly when beta·rho - R is constant in every group (float32 for
+        half-precision input; a loss too large for the dtype raises ``ValueError``).
     """
     beta = checks.beta(beta)
     check_groups(logp=logp, logp_anchor=logp_anchor, rewards=rewards)
-    return _gvpo_loss(logp, logp_anchor, rewards, beta)
+    return _fits("the loss", _gvpo_loss(logp, logp_anchor, rewards, beta))
 
 
 def gvpo_loss_terms(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: float,
@@ -107,13 +126,16 @@ def gvpo_loss_terms(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: fl
     """
     beta = checks.beta(beta)
     check_groups(logp=logp, logp_anchor=logp_anchor, rewards=rewards)
+    covariance, variance = checks.boolean("covariance", covariance), checks.boolean("variance", variance)
     if not (covariance or variance):
         raise ValueError("covariance and variance cannot both be False: nothing would be left")
+    logp, logp_anchor, rewards = _wide(logp, logp_anchor, rewards)
     k = logp.shape[1]
     rho = _centre(logp - logp_anchor.detach())  # [P, k]
     loss = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
     if covariance:
         loss = loss - beta * (_centre(rewards) * rho).sum(1) / (k - 1)
     if variance:
-        loss = loss + 0.5 * beta**2 * rho.pow(2).sum(1) / (k - 1)
-    return loss.mean()
+        beta2 = beta**2 if beta < 1e150 else float("inf")  # (a Python float's ** raises on overflow)
+        loss = loss + 0.5 * beta2 * rho.pow(2).sum(1) / (k - 1)
+    return _fits("the loss", loss.mean())

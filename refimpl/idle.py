@@ -10,19 +10,19 @@ distribution P onto distributions with no mass on the banned set B,
 i.e. :math:`\arg\min_Q \mathrm{KL}(Q \,\|\, P)` subject to :math:`Q(B) = 0`. In exact arithmetic
 this *is* softmax after -inf masking: the processed scores differ by a per-row constant, so
 sampling and greedy decoding are the same method; real implementations differ by where the mask
-sits relative to top-k / top-p truncation and by finite fill values. **Beam search is different**:
-``transformers`` takes the log-softmax *before* the logits processors there, so with this
-processor the beams accumulate log q(y) = log P(y) - log w(y) (they find the mode of q), with
--inf masking (``SuppressTokensLogitsProcessor``) log P(y) (the mode of P(y | allowed)). B may
-depend on the prefix: ``banned_ids`` may be a :class:`refimpl.constraints.Constraint`. Over whole completions, token-wise renormalization samples q(y) = P(y) / w(y) with
-w(y) = prod_t Z_t, not the KL-optimal P(y | no banned token) = P(y) 1[y allowed] / P(allowed);
-the weight w corrects it (importance resampling with :mod:`refimpl.resample`, or rejection as the
-exact reference).
+sits relative to top-k / top-p truncation and by finite fill values. **Beam search** adds up the
+processed scores, and ``transformers`` takes the log-softmax *before* the processors: with this
+processor the beams accumulate log q(y) = log P(y) - log w(y) (they look for the mode of q); with
+-inf masking (``SuppressTokensLogitsProcessor``) log P(y) (the mode of P(y | allowed)), unless
+``renormalize_logits=True``, which renormalizes after the processors and makes masking I-DLE. B may
+depend on the prefix (a :class:`refimpl.constraints.Constraint`). Over whole completions, token-wise
+renormalization samples q(y) = P(y) / w(y) with w(y) = prod_t Z_t, not the KL-optimal
+P(y | no banned token) = P(y) 1[y allowed] / P(allowed); the weight w corrects it (importance
+resampling with :mod:`refimpl.resample`, SMC with :mod:`refimpl.smc`, or rejection, exact).
 
-transformers facts relied on (checked on transformers 5.x): processors passed as
-``generate(logits_processor=...)`` run after the built-in processors and *before* the sampling
-warpers (temperature, top-k, top-p, min-p), in list order; ``_sample`` casts the logits to
-float32 before the processors run.
+transformers facts relied on (checked on 4.56 and 5.x): processors passed as ``generate(logits_processor=
+...)`` run after the built-in ones and *before* the sampling warpers (temperature, top-k, top-p,
+min-p), in list order, on float32 logits.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from . import checks, constraints, lm
+from . import checks, constraints, lm, tracking
+from .allowed import _rows_per_batch, log_allowed_mass  # noqa: F401 (re-exported)
 from .resample import effective_sample_size
 from .smc import resample_index
 
@@ -57,7 +58,7 @@ def _renormalize(logits: Tensor, banned: Tensor) -> Tensor:
     return torch.log_softmax(masked, dim=-1)  # = log P - log Z_t on allowed tokens
 
 
-def _no_allowed_row(out: Tensor) -> None:
+def _no_allowed_row(out: Tensor) -> None:  # raises
     if bool((~torch.isfinite(out)).all(-1).any()):  # all -inf, or NaN from log_softmax of all -inf
         raise ValueError("a row of scores has no finite allowed token: the ban leaves nothing to sample "
                          "(was the row truncated by an earlier processor?)")
@@ -71,12 +72,12 @@ def exclude_and_renormalize(logits: Tensor, banned_ids) -> Tensor:
         banned_ids: banned token ids B (ints, NumPy ints or an integer tensor; may be empty).
 
     Returns:
-        [..., V] float32 log-probabilities.
-
-    Raises:
-        ValueError if every token is banned, or if some row has no finite allowed logit.
+        [..., V] float32 log-probabilities. Raises ``ValueError`` if every token is banned, or if
+        some row has no finite allowed logit.
     """
     checks.tensor("logits", logits, min_dims=1, floating=True)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary (last dimension 0): there is no token to renormalize")
     checks.finite("logits", logits, allow_neg_inf=True)
     banned = _banned_mask(checks.token_ids("banned_ids", banned_ids), logits.shape[-1], logits.device)
     out = _renormalize(logits, banned)
@@ -87,35 +88,43 @@ def exclude_and_renormalize(logits: Tensor, banned_ids) -> Tensor:
 class IDLELogitsProcessor(LogitsProcessor):
     """I-DLE as a ``transformers`` logits processor: renormalized log-probs, banned = -inf.
 
-    ``banned_ids``: token ids (a fixed B; its mask is built once per device and vocabulary size)
-    or a :class:`refimpl.constraints.Constraint` (B(y_<t) per row, tracked across the calls of a
-    ``generate``, beam reorders included). Put it before truncation (pass it in
-    ``generate(logits_processor=[...])`` and let generate apply temperature / top-k / top-p): the
-    nucleus is then computed on Q, not on P. Returns the input dtype (fp32 / fp16 / bf16); the
-    arithmetic is done in float32. A row with no allowed finite score raises ``ValueError`` (one
-    boolean read per step, ``check=False`` skips it).
+    ``banned_ids``: token ids (a fixed B, its mask built once per device and vocabulary size) or a
+    :class:`refimpl.constraints.Constraint` (B(y_<t) per row, followed through ``generate`` in every
+    decoding mode by a :class:`refimpl.tracking.Tracker`: sampling, greedy, beam search,
+    ``num_return_sequences``, assisted and speculative decoding; :meth:`reset` before reusing it on
+    prompts that extend an earlier output). Put it before truncation (in ``logits_processor=[...]``,
+    generate's own temperature / top-k / top-p after it): the nucleus is then computed on Q, not P.
+    Returns the input dtype, computed in float32. A row with no allowed finite score raises
+    ``ValueError`` (one boolean read per step; ``check=False`` skips it), except a drafted prefix
+    that already took a banned token (assisted decoding verifies it, then rejects it): all -inf.
 
-    With ``track_temperature=T`` the processor also records log Z_t of the unconstrained
-    distribution softmax(scores / T) at every step (no extra forward pass):
-    :meth:`log_allowed_mass` returns their sum over each completion's real tokens.
+    With ``track_temperature=T`` it also records log Z_t of the unconstrained softmax(scores / T) at
+    every step (no extra forward pass): :meth:`log_allowed_mass` sums them over each completion's
+    real tokens. That needs one call per token, rows in a fixed order (sampling, greedy decoding); a
+    call that reorders or revisits rows (beam search, assisted decoding) raises ``ValueError``.
     """
 
     def __init__(self, banned_ids, check: bool = True, track_temperature: float | None = None):
         self.constraint = constraints.as_constraint(banned_ids)
         fixed = isinstance(self.constraint, constraints.BannedTokens)
         self.banned_ids = self.constraint.ids if fixed else None
-        self._tracker = None if fixed else constraints.Tracker(self.constraint)
-        self.check = bool(check)
+        self.check = checks.boolean("check", check)
         self.track_temperature = (None if track_temperature is None else
                                   checks.real("track_temperature", track_temperature, low=0.0, low_open=True))
+        self._tracker = None if fixed and track_temperature is None else tracking.Tracker(self.constraint)
         self._masks: dict[tuple, Tensor] = {}
         self._segments: list[list[Tensor]] = []  # one list of [rows] log Z_t per generate call
-        self._last_len = None
+
+    def reset(self) -> None:
+        """Forget the sequences seen and the recorded log Z_t."""
+        self._segments = []
+        if self._tracker is not None:
+            self._tracker.reset()
 
     def banned(self, input_ids: Tensor | None, vocab_size: int, device) -> Tensor:
         """[V] (fixed B, cached per device and vocabulary size) or [rows, V] (a constraint: B(y_<t)
         of each row of ``input_ids``) bool mask of the banned tokens."""
-        if self._tracker is not None:
+        if self.banned_ids is None:
             return self._tracker.banned(input_ids, vocab_size, device)
         key = (torch.device(device), vocab_size)
         if key not in self._masks:
@@ -123,15 +132,23 @@ class IDLELogitsProcessor(LogitsProcessor):
         return self._masks[key]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.banned_ids is not None and self._tracker is not None:
+            self._tracker.update(input_ids)  # only to tell a new generate call from the next step
         banned = self.banned(input_ids, scores.shape[-1], scores.device)
         out = _renormalize(scores, banned)
+        dead = None if self.banned_ids is not None else self.constraint.dead(self._tracker.state).to(out.device)
+        if dead is not None:  # a drafted prefix that already took a banned token: nothing is allowed
+            out = out.masked_fill(dead[:, None], float("-inf"))
         if self.check:
-            _no_allowed_row(out)
+            _no_allowed_row(out if dead is None else out[~dead])
         if self.track_temperature is not None:
-            cur = input_ids.shape[1]
-            if self._last_len is None or cur <= self._last_len:  # a new generate call
+            if self._tracker.kind == "other":
+                raise ValueError("track_temperature needs one call per generated token with the rows in order "
+                                 "(sampling or greedy decoding); this generate reorders or revisits rows (beam "
+                                 "search, assisted decoding): compute log w afterwards with idle.log_allowed_mass. "
+                                 "If these are new prompts that extend an earlier output, call reset() first")
+            if self._tracker.kind == "new":  # a new generate call
                 self._segments.append([])
-            self._last_len = cur
             s = scores.float() / self.track_temperature
             self._segments[-1].append(torch.logsumexp(s.masked_fill(banned, float("-inf")), -1)
                                       - torch.logsumexp(s, -1))  # [rows] log Z_t
@@ -142,12 +159,15 @@ class IDLELogitsProcessor(LogitsProcessor):
         calls since the processor was made (in order), right-padded to ``completion_mask``'s width."""
         if self.track_temperature is None:
             raise ValueError("this processor does not track log Z_t: pass track_temperature")
-        T = completion_mask.shape[1]
+        T = checks.tensor("completion_mask", completion_mask, dims=2).shape[1]
+        if not self._segments:
+            raise ValueError("completion_mask: no generate call has been recorded since the processor was made (or reset)")
         rows = [torch.nn.functional.pad(torch.stack(seg, 1), (0, T - len(seg))) for seg in self._segments]
         log_z = torch.cat(rows)  # [B, T]
         if log_z.shape != completion_mask.shape:
-            raise ValueError(f"tracked {tuple(log_z.shape)} steps but completion_mask has shape "
-                             f"{tuple(completion_mask.shape)}")
+            raise ValueError(f"tracked {tuple(log_z.shape)} (rows, steps) but completion_mask has shape "
+                             f"{tuple(completion_mask.shape)}: the processor must have served exactly the "
+                             "generate calls (sampling or greedy) of these completions")
         return torch.where(completion_mask.bool(), log_z, torch.zeros_like(log_z)).sum(-1)
 
 
@@ -185,7 +205,7 @@ def exact_token_level(logp: Tensor, vocab_size: int, banned_ids) -> tuple[Tensor
         ``(log_q, log_w)``, both [P, V^L]: ``log q(y) = sum_t [log P(y_t | y_<t) - log Z_t]``
         (-inf when y contains a banned token) and ``log w(y) = sum_t log Z_t(y_<t)``.
     """
-    checks.tensor("logp", logp, dims=2, floating=True)
+    checks.nonempty("logp", checks.tensor("logp", logp, dims=2, floating=True))
     checks.finite("logp", logp, allow_neg_inf=True)
     V = checks.integer("vocab_size", vocab_size, low=2)
     P, N = logp.shape
@@ -215,50 +235,8 @@ def exact_token_level(logp: Tensor, vocab_size: int, banned_ids) -> tuple[Tensor
     return log_q.reshape(P, N), log_w.expand_as(joint).reshape(P, N)
 
 
-def _rows_per_batch(width: int, vocab_size: int, max_elements: int) -> int:
-    """Rows per forward pass so that one batch's [rows, width, V] float32 logits stay within
-    ``max_elements`` (at least one row)."""
-    return max(1, max_elements // max(1, width * vocab_size))
-
-
-@torch.no_grad()
-def log_allowed_mass(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                     completion_mask: Tensor, banned_ids, temperature: float = 1.0, batch_size: int | None = None,
-                     max_elements: int = 2**26) -> Tensor:
-    r"""log w(y) = sum_t log Z_t over real completion tokens, by forward passes over the completions.
-
-    Z_t is the allowed mass of the *unconstrained* next-token distribution softmax(logits / T)
-    at step t (the stop token's step included), i.e. ``w(y) = P_T(y) / q(y)``. Only the T + 1 last
-    positions' logits are computed (``logits_to_keep``), ``batch_size`` rows at a time (default:
-    as many as keep [rows, T + 1, V] within ``max_elements``, 256 MiB of float32), so memory stays
-    bounded for a 150k vocabulary. During generation, ``IDLELogitsProcessor(track_temperature=T)``
-    gives the same numbers without these passes.
-
-    Returns:
-        [B] float32, <= 0.
-    """
-    temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
-    lm._check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    c = constraints.as_constraint(banned_ids)
-    T, V = completion_ids.shape[1], lm._vocab_size(model)
-    rows = (_rows_per_batch(T + 1, V, checks.integer("max_elements", max_elements, low=1)) if batch_size is None
-            else checks.integer("batch_size", batch_size, low=1))
-    out = []
-    for s in range(0, prompt_ids.shape[0], rows):
-        sl = slice(s, s + rows)
-        logits = lm._forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
-                             logits_to_keep=T + 1).logits[:, :T]  # [b, T, V]: row t predicts token t
-        logits = logits.float() / temperature
-        masks = constraints.iter_banned(c, prompt_ids[sl], completion_ids[sl], logits.shape[-1])  # T x [b, V]
-        log_allowed = [torch.logsumexp(logits[:, t].masked_fill(m, float("-inf")), -1) for t, m in zip(range(T), masks)]
-        log_Z = torch.stack(log_allowed, 1) - torch.logsumexp(logits, -1)  # [b, T], -inf where nothing is allowed
-        out.append(torch.where(completion_mask[sl].bool(), log_Z, torch.zeros_like(log_Z)).sum(-1))  # [b]
-    return torch.cat(out)
-
-
 class Corrected(NamedTuple):
     """Output of :func:`corrected_sample`."""
-
     samples: lm.Samples  # B·n resampled rows, prompt-major (n per prompt)
     log_w: Tensor  # [B, n, k] log importance weights of the particles
     ess: Tensor  # [B, n] effective sample size of each group of k
@@ -294,7 +272,6 @@ def corrected_sample(model, tokenizer, prompts: Sequence[str], banned_ids, k: in
 
 class Rejection(NamedTuple):
     """Output of :func:`rejection_sample`."""
-
     samples: lm.Samples  # all B·k unconstrained rows
     accepted: Tensor  # [B*k] bool: rows with no banned token among their real tokens
 
@@ -306,4 +283,4 @@ def rejection_sample(model, tokenizer, prompts: Sequence[str], banned_ids, k: in
     c = constraints.as_constraint(banned_ids)
     s = lm.sample(model, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     return Rejection(s, ~constraints.violations(c, s.prompt_ids, s.completion_ids, s.completion_mask,
-                                                lm._vocab_size(model)))
+                                                lm._vocab_size(model), prompt_mask=s.prompt_mask))

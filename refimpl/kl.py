@@ -37,6 +37,8 @@ def _check(beta: float | None = None, **tensors: Tensor) -> float | None:
         # -inf: a log-probability of 0, or a reward that forbids an outcome (r = log 1[allowed])
         checks.finite(name, t, allow_neg_inf=name.startswith("log") or name == "reward")
     first = tensors[names[0]]
+    if first.shape[-1] < 1:
+        raise ValueError(f"{names[0]} must have a support of N >= 1 outcomes (last dim), got shape {tuple(first.shape)}")
     for name in names[1:]:
         t = tensors[name]
         try:

@@ -27,7 +27,10 @@ a rational, mass-covering tilt instead of pi*'s exponential one. The reward term
 leave-one-out baseline of RLOO (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for
 free!"; Ahmadian et al. 2024, "Back to basics: revisiting REINFORCE style optimization for
 learning from human feedback in LLMs"), A_i = R_i - mean_{j≠i} R_j, unbiased because the
-baseline of y_i does not depend on y_i. Everything here is sequence-level (one "token"). The
+baseline of y_i does not depend on y_i. Everything here is sequence-level (one "token"; per-token
+penalties: :mod:`refimpl.klest`). Off-policy (samples from any mu, no importance weights), k1 in
+the reward with the RLOO baseline keeps pi* as its fixed point (eq. off-RLOO below): it is
+GVPO-reference up to the factor beta. The
 loss is the entry "kl_pg" of :data:`refimpl.rl.LOSSES`, so :func:`refimpl.tabular.train_tabular`
 trains it exactly in the exact world and :func:`refimpl.rl.train` on a language model.
 """
@@ -57,7 +60,7 @@ class KLEstimates(NamedTuple):
 
 
 def _pair(logp: Tensor, logp_ref: Tensor, min_dims: int = 0) -> None:
-    checks.tensor("logp", logp, min_dims=min_dims, floating=True)
+    checks.nonempty("logp", checks.tensor("logp", logp, min_dims=min_dims, floating=True))
     checks.tensor("logp_ref", logp_ref, floating=True)
     checks.same_device(logp=logp, logp_ref=logp_ref)
     checks.same_shape(logp=logp, logp_ref=logp_ref)
@@ -96,7 +99,13 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     checks.finite("rewards", rewards)
     if rewards.shape[1] < 2:
         raise ValueError(f"k (dim 1 of rewards) must be >= 2 for a leave-one-out baseline, got {rewards.shape[1]}")
-    return _rloo(rewards)
+    checks.nonempty("rewards", rewards)
+    return _rloo(_safe(rewards))
+
+
+def _safe(t: Tensor) -> Tensor:
+    """Half-precision input in float32 (sums of rewards of 6e4 overflow float16); other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _rloo(rewards: Tensor) -> Tensor:
@@ -156,40 +165,65 @@ def kl_pg_loss(logp: Tensor, logp_ref: Tensor, rewards: Tensor, beta: float, est
     if logp.shape[1] < (2 if baseline == "rloo" else 1) or logp.shape[0] < 1:
         raise ValueError(f"logp must have shape [P >= 1, k >= {2 if baseline == 'rloo' else 1}] "
                          f"(RLOO needs k >= 2), got {tuple(logp.shape)}")
-    return _surrogate(logp, logp_ref, rewards, beta, estimator, baseline).mean()
+    return _surrogate(_safe(logp), _safe(logp_ref), _safe(rewards), beta, estimator, baseline).mean()
 
 
-def expected_gradient(logits: Tensor, logp_ref: Tensor, reward: Tensor, beta: float, estimator: str) -> Tensor:
-    r"""E_{y~pi_theta}[∇_theta loss(y)] exactly, for a tabular policy pi_theta = softmax(logits).
+def expected_gradient(logits: Tensor, logp_ref: Tensor, reward: Tensor, beta: float, estimator: str,
+                      logp_sampler: Tensor | None = None, baseline: str = "none") -> Tensor:
+    r"""E_{y~mu}[∇_theta loss(y)] exactly, for a tabular policy pi_theta = softmax(logits).
 
-    The per-sample loss is :func:`kl_pg_loss`'s (no baseline: a baseline does not change the
-    expectation), weighted by pi_theta(y) held constant and summed over the support: the average
-    of what an implementation differentiates. Closed forms: -∇J for "k1_reward" and "k2_loss",
-    -∇E_pi[r] for "k1_loss", -∇(E_pi[r] - beta·KL(pi_ref||pi)) for "k3_loss" (while every
+    The per-sample loss is :func:`kl_pg_loss`'s, weighted by mu(y) held constant and summed over
+    the support: the average of what an implementation differentiates. On-policy (mu = pi_theta,
+    the default) a baseline does not change it, and the closed forms are -∇J for "k1_reward" and
+    "k2_loss", -∇E_pi[r] for "k1_loss", -∇(E_pi[r] - beta·KL(pi_ref||pi)) for "k3_loss" (while every
     abs(log pi_ref - log pi) <= K3_CLAMP, beyond which the loss clamps it as GRPO does).
+
+    Off-policy (any fixed sampler mu, no importance weights), with s = r - beta·(log pi - log pi_ref)
+    the shaped reward of "k1_reward" and g(y) = e_y - pi the score of y:
+
+        RLOO:  -E[∇loss] = E[A_i g(y_i)] = E_mu[(s - E_mu s)·g] = mu ⊙ (s - E_mu s),      (off-RLOO)
+        none:  -E[∇loss] = E[s_i g(y_i)] = mu ⊙ s - (E_mu s)·pi.                          (off-none)
+
+    (off-RLOO) vanishes exactly where s is constant on the support of mu, i.e. at pi* when mu has
+    full support; GVPO-reference's expected gradient (per group) is beta times it. (off-none) vanishes at pi* only if
+    mu = pi* (or log Z = 0): without a baseline, KL-PG off-policy has another fixed point.
 
     Args:
         logits: [..., N] finite logits theta.
         logp_ref: [..., N] log pi_ref (finite). reward: [..., N] r(y).
         beta: KL coefficient, > 0. estimator: one of :data:`ESTIMATORS`.
+        logp_sampler: [..., N] log mu, the sampler (``-inf`` where it never samples); default pi_theta.
+        baseline: one of :data:`BASELINES` (the expectation of RLOO for any k >= 2).
 
     Returns:
         [..., N] the expected gradient with respect to the logits (it sums to 0 over N).
     """
-    beta = _options(beta, estimator, "none")
+    beta = _options(beta, estimator, baseline)
     for name, t in (("logits", logits), ("logp_ref", logp_ref), ("reward", reward)):
-        checks.tensor(name, t, min_dims=1, floating=True)
-    checks.same_device(logits=logits, logp_ref=logp_ref, reward=reward)
+        checks.nonempty(name, checks.tensor(name, t, min_dims=1, floating=True))
+    checks.same_device(logits=logits, logp_ref=logp_ref, reward=reward, logp_sampler=logp_sampler)
     checks.same_shape(logits=logits, logp_ref=logp_ref, reward=reward)
     for name, t in (("logits", logits), ("logp_ref", logp_ref), ("reward", reward)):
         checks.finite(name, t)
+    if logp_sampler is not None:
+        checks.tensor("logp_sampler", logp_sampler, floating=True)
+        checks.same_shape(logits=logits, logp_sampler=logp_sampler)
+        checks.finite("logp_sampler", logp_sampler, allow_neg_inf=True)
+        if bool(torch.isneginf(logp_sampler).all(-1).any()):
+            raise ValueError("logp_sampler has a row that is -inf everywhere: it samples nothing")
+    logits, logp_ref, reward = _safe(logits), _safe(logp_ref), _safe(reward)  # half precision: in float32
     with torch.enable_grad():
         theta = logits.detach().clone().requires_grad_(True)
         logp = torch.log_softmax(theta, -1)  # [..., N]
         N = logp.shape[-1]
-        per = _surrogate(logp.reshape(-1, N), logp_ref.reshape(-1, N).detach(), reward.reshape(-1, N).detach(),
+        mu = logp.detach().exp() if logp_sampler is None else torch.softmax(logp_sampler.detach(), -1)  # [..., N]
+        reward = reward.detach()
+        if baseline == "rloo":  # shifting r by -E_mu[s] makes _surrogate's advantage s - E_mu s (eq. off-RLOO)
+            s = reward - beta * (logp.detach() - logp_ref) if estimator == "k1_reward" else reward
+            reward = reward - (mu * s).sum(-1, keepdim=True)
+        per = _surrogate(logp.reshape(-1, N), logp_ref.reshape(-1, N).detach(), reward.reshape(-1, N),
                          beta, estimator, "none")  # [R, N]: the loss of each outcome, as if sampled
-        (grad,) = torch.autograd.grad((logp.detach().exp().reshape(-1, N) * per).sum(), theta)
+        (grad,) = torch.autograd.grad((mu.reshape(-1, N) * per).sum(), theta)
     return grad
 
 

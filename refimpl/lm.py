@@ -38,6 +38,8 @@ def _check_pair(ids: Tensor, mask: Tensor, name: str) -> None:
 
 def _device(model) -> torch.device | None:
     """Where the model reads its input: the device of its input embedding (else of its first parameter)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a causal LM (a torch.nn.Module), got {type(model).__name__}")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         return emb.weight.device
@@ -60,6 +62,8 @@ def _check_inputs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids
     _check_pair(completion_ids, completion_mask, "completion")
     if prompt_ids.shape[0] != completion_ids.shape[0]:
         raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows but completion_ids has {completion_ids.shape[0]}")
+    if prompt_ids.shape[0] == 0:
+        raise ValueError("prompt_ids must hold at least one row (a batch of zero sequences)")
     if bool((prompt_mask.sum(1) == 0).any()):
         raise ValueError("prompt_mask has a row with no real token: the first completion token would be "
                          "predicted from padding")
@@ -90,13 +94,26 @@ def left_align(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def completion_logits(logits: Tensor, prompt_width: int) -> Tensor:
     """[B, P + T, V] logits of [prompt | completion] -> [B, T, V], row t predicting completion token t
-    (the token at position P + t is predicted by the logits at P + t - 1)."""
+    (the token at position P + t is predicted by the logits at P + t - 1); 1 <= P <= P + T."""
+    checks.tensor("logits", logits, dims=3)
+    prompt_width = checks.integer("prompt_width", prompt_width, low=1, high=logits.shape[1])
     return logits[:, prompt_width - 1 : -1, :]
 
 
 def last_token_index(prompt_width: int, completion_mask: Tensor, before_last: bool = False) -> Tensor:
     """[B] position in [prompt | completion] of each row's last real completion token (or of the
-    token before it, ``before_last``); a row with an empty completion gives the last prompt token."""
+    token before it, ``before_last``); a row with an empty completion gives the last prompt token.
+    ``completion_mask`` [B, T]: right-padded, 0/1."""
+    prompt_width = checks.integer("prompt_width", prompt_width, low=1)
+    checks.tensor("completion_mask", completion_mask, dims=2, integral=True)
+    if bool(((completion_mask != 0) & (completion_mask != 1)).any()) or (
+            completion_mask.shape[1] > 1 and bool((completion_mask[:, 1:] > completion_mask[:, :-1]).any())):
+        raise ValueError("completion_mask must hold only 0 and 1, right-padded (ones, then zeros) in every row")
+    return _last_token_index(prompt_width, completion_mask, checks.boolean("before_last", before_last))
+
+
+def _last_token_index(prompt_width: int, completion_mask: Tensor, before_last: bool = False) -> Tensor:
+    """:func:`last_token_index` without checks."""
     n = completion_mask.long().sum(1)  # [B] real completion tokens
     if before_last:
         n = (n - 1).clamp(min=0)
@@ -132,8 +149,13 @@ def _sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completio
     """:func:`sequence_logprobs` without input checks."""
     P = prompt_ids.shape[1]
     logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
-    logp = torch.log_softmax(completion_logits(logits, P).float() / temperature, dim=-1)  # [B, T, V]
+    logits = logits[:, P - 1 : -1, :].float()  # [B, T, V]: row t predicts completion token t
+    if temperature != 1.0:  # the maximum shifted to 0 first: logits / 1e-40 would overflow (inf - inf = NaN)
+        logits = logits - logits.amax(-1, keepdim=True).detach()
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, T, V]
     per_token = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    pad = completion_mask == 0
+    per_token = per_token.masked_fill(pad & torch.isneginf(per_token), 0.0)  # -inf · 0 would be NaN on padding
     per_token = per_token * completion_mask.to(per_token.dtype)
     return per_token.sum(-1), per_token
 
@@ -155,7 +177,8 @@ def sequence_logprobs(
         temperature: logits are divided by it first (as when sampling), > 0.
 
     Returns:
-        ``(summed [B], per_token [B, T])`` in float32; per_token is 0 where ``completion_mask`` is 0.
+        ``(summed [B], per_token [B, T])`` in float32; per_token is 0 where ``completion_mask`` is 0,
+        ``-inf`` for a token of probability 0 (underflow at a tiny temperature).
         Gradients flow into the model's parameters.
     """
     temperature = checks.real("temperature", temperature, low=0.0, low_open=True)
@@ -187,6 +210,7 @@ def embed(
     """
     _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     batch_size = checks.integer("batch_size", batch_size, low=1)
+    before_last = checks.boolean("before_last", before_last)
     n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
     layer = checks.integer("layer", layer, low=-(n_layers + 1), high=n_layers)
     P = prompt_ids.shape[1]
@@ -195,7 +219,7 @@ def embed(
         sl = slice(s, s + batch_size)
         h = _forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
                      output_hidden_states=True).hidden_states[layer]  # [b, P+T, d]
-        last = last_token_index(P, completion_mask[sl], before_last)  # [b]
+        last = _last_token_index(P, completion_mask[sl], before_last)  # [b]
         out.append(h[torch.arange(h.shape[0], device=h.device), last].float())
     return torch.cat(out)
 
@@ -219,6 +243,7 @@ def embed_layers(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids:
     """
     _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     batch_size = checks.integer("batch_size", batch_size, low=1)
+    before_last = None if before_last is None else checks.boolean("before_last", before_last)
     norm = _final_norm(model)
     if norm is None:
         raise ValueError(f"{type(model).__name__}: no final norm (ln_f / norm) found to read the stream before it")
@@ -232,7 +257,7 @@ def embed_layers(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids:
                           output_hidden_states=True).hidden_states  # n_layers + 1 entries, the last after the norm
             h = torch.stack([*hs[:-1], seen[-1], hs[-1]], 1)  # [b, n_layers + 2, P+T, d]
             rows = torch.arange(h.shape[0], device=h.device)
-            picks = [h[rows, :, last_token_index(P, completion_mask[sl], b)].float()  # [b, n_layers + 2, d]
+            picks = [h[rows, :, _last_token_index(P, completion_mask[sl], b)].float()  # [b, n_layers + 2, d]
                      for b in ((False, True) if before_last is None else (bool(before_last),))]
             out.append(torch.stack(picks, 1) if before_last is None else picks[0])
     finally:

@@ -8,8 +8,7 @@ r"""Evaluation metrics and the book's one way of stating uncertainty.
 * :func:`bootstrap_ci` -- a percentile bootstrap of a mean over units that vary (prompts).
 * :func:`cluster_bootstrap` -- the hierarchical bootstrap of a grand mean over base models (the unit
   of replication), seeds or pools nested in them, and prompts crossed with them.
-* :func:`decide` -- a claim as a decision on an interval: it clears a threshold, or lies within a
-  stated equivalence margin of it.
+* :func:`decide` -- a claim decided on an interval: it clears a threshold, or lies within a margin of it.
 * :func:`auc` -- the area under the ROC curve, P(score of a positive > score of a negative).
 
 Every interval names its unit of replication where it is reported (``unit=``, carried by the
@@ -42,11 +41,16 @@ def pass_at_k(n_correct: Tensor, n: int, k: int) -> Tensor:
     """
     n = checks.integer("n", n, low=1)
     k = checks.integer("k", k, low=1, high=n)
+    if getattr(n_correct, "dtype", None) == torch.bool or isinstance(n_correct, list) and bool in map(type, n_correct):
+        raise TypeError("n_correct must hold counts (ints), not booleans: pass mask.sum() per prompt")
     c = _values("n_correct", n_correct, 0) if not isinstance(n_correct, Tensor) or n_correct.dim() else None
     if c is None:
         raise ValueError("n_correct must be a 1-D tensor or list of counts, one per prompt")
     if bool(((c < 0) | (c > n) | (c != c.round())).any()):
         raise ValueError(f"n_correct must hold integers in [0, n={n}]")
+    if k > 4096:  # C(n-c, k)/C(n, k) through log-gamma: the product would need k terms per prompt
+        log_ratio = torch.lgamma(n - c + 1) - torch.lgamma((n - c - k + 1).clamp(min=1)) - math.lgamma(n + 1)
+        return 1.0 - torch.where(n - c >= k, (log_ratio + math.lgamma(n - k + 1)).exp(), torch.zeros_like(c))
     # C(n-c, k)/C(n, k) = prod_{i=0}^{k-1} (n-c-i)/(n-i), computed stably as a product.
     i = torch.arange(k, dtype=torch.float64, device=c.device)
     ratio = ((n - c.unsqueeze(-1) - i) / (n - i)).clamp(min=0).prod(-1)
@@ -73,11 +77,14 @@ class Interval(tuple):
 
     def __new__(cls, mean: float, half: float, se: float | None = None, level: float | None = None,
                 unit: str | None = None):
+        for name, v in (("mean", mean), ("half", half), ("se", 0.0 if se is None else se)):
+            if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+                raise TypeError(f"{name} must be a real number, got {type(v).__name__} ({v!r})")
+            if name != "mean" and not float(v) >= 0 and float(v) == float(v):  # NaN stays reportable
+                raise ValueError(f"{name} must be >= 0, got {v}")
         self = super().__new__(cls, (float(mean), float(half)))
-        if not self[1] >= 0 and self[1] == self[1]:  # NaN stays reportable; a negative width is a bug
-            raise ValueError(f"half must be >= 0, got {half}")
         level = None if level is None else checks.real("level", level, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.__dict__.update(se=None if se is None else float(se), level=None if level is None else float(level), unit=unit)
+        self.__dict__.update(se=None if se is None else float(se), level=level, unit=_unit(unit))
         return self
 
     def __setattr__(self, name, value):
@@ -93,13 +100,8 @@ class Interval(tuple):
     mean = property(lambda self: self[0], doc="the point estimate")
     half = property(lambda self: self[1], doc="the half-width: the interval is [mean - half, mean + half]")
 
-    @property
-    def low(self) -> float:
-        return self.mean - self.half
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half
+    low = property(lambda self: self.mean - self.half, doc="the lower end, mean - half")
+    high = property(lambda self: self.mean + self.half, doc="the upper end, mean + half")
 
     def excludes_zero(self) -> bool:
         """True when the interval lies strictly on one side of zero."""
@@ -108,10 +110,8 @@ class Interval(tuple):
     def __format__(self, spec: str) -> str:
         """``f"{iv:.2f}"`` formats both numbers; a spec without a precision gets 3 decimals
         (``f"{iv:>8}"`` -> ``"   0.355 ±    0.002"``)."""
-        spec = spec or ".3f"
-        if "." not in spec:
-            spec += ".3f"
-        return f"{self.mean:{spec}} ± {self.half:{spec}}"
+        spec = spec if "." in spec else spec + ".3f"
+        return f"{self.mean:{spec}} ± {self.half:{spec.replace('+', '')}}"  # a width carries no sign
 
 
 def _values(name: str, x, dim: int) -> Tensor:
@@ -128,6 +128,18 @@ def _values(name: str, x, dim: int) -> Tensor:
     return x.movedim(checks.integer("dim", dim, low=-x.dim(), high=x.dim() - 1), 0)
 
 
+def _scale(*xs: Tensor) -> float:
+    """1, or a power of two (exact) that brings values beyond 2^500 down: sums and squares stay finite."""
+    return 1.0 if (top := max(x.abs().max().item() for x in xs)) <= 2.0**500 else math.ldexp(1.0, math.frexp(top)[1] - 1)
+
+
+def _rescaled(iv: Interval, s: float, name: str = "x") -> Interval:
+    """``iv``, computed on data divided by s, at the data's scale (its width must fit a float)."""
+    if s != 1.0 and not math.isfinite(iv.half * s):
+        raise ValueError(f"{name}: the interval's half-width overflows float64")
+    return iv if s == 1.0 else Interval(iv.mean * s, iv.half * s, iv.se * s, iv.level, iv.unit)
+
+
 def mean_ci(x, dim: int = 0, level: float = 0.95, unit: str | None = None) -> Interval:
     r"""Mean over ``dim`` and the half-width t_{n-1} · s / sqrt(n) of its Student-t interval.
 
@@ -141,12 +153,12 @@ def mean_ci(x, dim: int = 0, level: float = 0.95, unit: str | None = None) -> In
         :class:`Interval` of floats, with ``se`` = s / sqrt(n).
     """
     x = _values("x", x, dim)
-    x = x.reshape(x.shape[0], -1).mean(1)  # [n] one value per unit
+    x = (x / (s := _scale(x))).reshape(x.shape[0], -1).mean(1)  # [n] one value per unit
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"need at least 2 units along dim {dim} for an interval, got {n}")
     se = x.std().item() / math.sqrt(n)
-    return Interval(x.mean().item(), t_quantile(level, n - 1) * se, se, level, _unit(unit))
+    return _rescaled(Interval(x.mean().item(), t_quantile(level, n - 1) * se, se, level, _unit(unit)), s)
 
 
 def paired_diff(a, b, dim: int = 0, level: float = 0.95, unit: str | None = None) -> Interval:
@@ -159,7 +171,8 @@ def paired_diff(a, b, dim: int = 0, level: float = 0.95, unit: str | None = None
     a, b = _values("a", a, dim), _values("b", b, dim)
     if a.shape != b.shape:
         raise ValueError(f"a and b must be paired (same shape), got {tuple(a.shape)} and {tuple(b.shape)}")
-    return mean_ci(a - b, 0, level, unit)
+    s = _scale(a, b)  # a - b of values near 1e308 would overflow: rescaled first
+    return _rescaled(mean_ci(a / s - b / s, 0, level, unit), s, "a - b") if s != 1.0 else mean_ci(a - b, 0, level, unit)
 
 
 def bootstrap_ci(x, dim: int = 0, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
@@ -171,7 +184,7 @@ def bootstrap_ci(x, dim: int = 0, level: float = 0.95, n_boot: int = 2000, seed:
     standard deviation of the bootstrap means.
     """
     x = _values("x", x, dim)
-    x = x.reshape(x.shape[0], -1).mean(1)  # [n]
+    x = (x / (s := _scale(x))).reshape(x.shape[0], -1).mean(1)  # [n]
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"need at least 2 units along dim {dim} to bootstrap, got {n}")
@@ -181,7 +194,7 @@ def bootstrap_ci(x, dim: int = 0, level: float = 0.95, n_boot: int = 2000, seed:
     means = x[torch.randint(n, (n_boot, n), generator=g)].mean(1)  # [n_boot]
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     m = x.mean().item()
-    return Interval(m, max(m - lo, hi - m), means.std().item(), level, _unit(unit))
+    return _rescaled(Interval(m, max(m - lo, hi - m), means.std().item(), level, _unit(unit)), s)
 
 
 def _unit(unit):
@@ -218,9 +231,7 @@ def cluster_bootstrap(x, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
         :class:`Interval`: the grand mean, the larger distance from it to the two percentile bounds
         (symmetric, conservative when skewed), ``se`` = the standard deviation of θ*, ``level``, ``unit``.
     """
-    if isinstance(x, Tensor):
-        x = x.detach().cpu()
-    x = _values("x", x, 0)
+    x = _values("x", x.detach().cpu() if isinstance(x, Tensor) else x, 0)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be [M, P] (base models × prompts) or [M, S, P] (base models × seeds × "
                          f"prompts), got shape {tuple(x.shape)}")
@@ -230,7 +241,7 @@ def cluster_bootstrap(x, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
     n_boot = checks.integer("n_boot", n_boot, low=10)
     g = torch.Generator().manual_seed(checks.integer("seed", seed))
     unit = _unit(unit) or ("base model × prompt" if x.dim() == 2 else "base model × seed × prompt")
-    x = x if x.dim() == 3 else x.unsqueeze(1)
+    x = (x if x.dim() == 3 else x.unsqueeze(1)) / (s := _scale(x))
     M, S, P = x.shape
     models = torch.randint(M, (n_boot, M, 1), generator=g)  # [B, M, 1] drawn models
     seeds = torch.randint(S, (n_boot, M, S), generator=g)  # [B, M, S] seeds drawn inside each drawn model
@@ -242,7 +253,7 @@ def cluster_bootstrap(x, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
     theta = ((w @ x.reshape(M * S, P)) * v).sum(1) / (M * S * P)  # [B]
     lo, hi = torch.quantile(theta, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     m = x.mean().item()
-    return Interval(m, max(m - lo, hi - m), theta.std().item(), level, unit)
+    return _rescaled(Interval(m, max(m - lo, hi - m), theta.std().item(), level, unit), s)
 
 
 DIRECTIONS = (">", "<", "within")
@@ -263,10 +274,9 @@ def decide(interval: Interval, threshold: float, direction: str, margin: float |
       threshold - margin < low and high < threshold + margin. Pass a (1 - 2α) interval for a test
       at level α (two one-sided tests, TOST: ``level=0.90`` for 5%).
 
-    ``margin_se`` is (statistic - threshold) / se for ``">"``, (threshold - statistic) / se for
-    ``"<"``, and the distance to the nearer equivalence bound over se for ``"within"`` (positive
-    inside the claimed region; ``None`` when the interval carries no positive ``se``). A
-    non-finite interval never holds.
+    ``margin_se`` is (statistic - threshold) / se for ``">"``, (threshold - statistic) / se for ``"<"``, and
+    the distance to the nearer equivalence bound over se for ``"within"`` (positive inside the claimed region;
+    ``None`` when the interval carries no positive ``se``). A non-finite interval never holds.
     """
     if not isinstance(interval, Interval):
         raise TypeError(f"interval must be a metrics.Interval, got {type(interval).__name__}")
@@ -275,16 +285,11 @@ def decide(interval: Interval, threshold: float, direction: str, margin: float |
     if (direction == "within") != (margin is not None):
         raise ValueError("margin (> 0) goes with direction 'within' and only with it, "
                          f"got direction={direction!r}, margin={margin!r}")
-    if direction == "within":
-        margin = checks.real("margin", margin, low=0.0, low_open=True)
-    m, low, high = interval.mean, interval.low, interval.high
-    if direction == ">":
-        holds, dist = low > threshold, m - threshold
-    elif direction == "<":
-        holds, dist = high < threshold, threshold - m
-    else:
-        holds, dist = threshold - margin < low and high < threshold + margin, margin - abs(m - threshold)
-    se = interval.se
+    margin = checks.real("margin", margin, low=0.0, low_open=True) if direction == "within" else None
+    m, low, high, se = interval.mean, interval.low, interval.high, interval.se
+    holds, dist = {">": (low > threshold, m - threshold), "<": (high < threshold, threshold - m),
+                   "within": (threshold - (margin or 0.0) < low and high < threshold + (margin or 0.0),
+                              (margin or 0.0) - abs(m - threshold))}[direction]
     finite = all(math.isfinite(v) for v in (m, interval.half))
     margin_se = dist / se if finite and se is not None and math.isfinite(se) and se > 0 else None
     return Decision(bool(holds) and finite, margin_se)
@@ -298,19 +303,15 @@ def auc(scores: Tensor, labels: Tensor) -> float:
         labels: [n] 0/1 (or bool) labels, both classes present, on the device of ``scores``.
     """
     checks.same_device(scores=scores, labels=labels)
-    checks.tensor("scores", scores, dims=1, floating=True)
+    checks.same_shape(scores=checks.tensor("scores", scores, dims=1, floating=True),
+                      labels=checks.tensor("labels", labels, dims=1))
     checks.finite("scores", scores)
-    checks.tensor("labels", labels, dims=1)
-    if labels.shape != scores.shape:
-        raise ValueError(f"labels has shape {tuple(labels.shape)} but scores has {tuple(scores.shape)}")
     pos = labels.bool()
     if bool(((labels != 0) & (labels != 1)).any()) or pos.all() or (~pos).all():
         raise ValueError("labels must be 0/1 with both classes present")
     s = scores.double()
     # Rank-based (Mann-Whitney U): average ranks handle ties.
-    order = torch.argsort(s)
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64, device=s.device)
+    ranks = torch.empty_like(s).scatter_(0, torch.argsort(s), torch.arange(1, len(s) + 1, dtype=s.dtype, device=s.device))
     uniq, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
     sums = torch.zeros(len(uniq), dtype=torch.float64, device=s.device).scatter_add_(0, inverse, ranks)
     ranks = (sums / counts)[inverse]  # average rank within ties

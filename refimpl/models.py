@@ -5,7 +5,9 @@ repository ships (``models/``, see :func:`shipped_dir`), or trains it (once, det
 caches it where there is no shipped copy or at another scale; ``TASK_MODELS`` lists the three
 independently trained seeds the chapters use, ``REPLICATION_MODELS`` those three and three more
 (``toy-arith-s3`` .. ``-s5``, the same recipe) for claims over base models,
-``"refimpl/toy-arith-weak"`` and ``"refimpl/toy-arith-noverdict"`` are the helper embedders, ``"refimpl/toy-exact"`` the exact world's tiny model. All are saved with ``save_pretrained`` and read back through
+``"refimpl/toy-arith-weak"`` and ``"refimpl/toy-arith-noverdict"`` are the helper embedders,
+``VERDICT_FRACTION_MODELS`` the base recipe with verdicts on a share of the corpus lines (two seeds
+per share), ``"refimpl/toy-exact"`` the exact world's tiny model. All are saved with ``save_pretrained`` and read back through
 ``AutoModelForCausalLM.from_pretrained`` -- the path a hub id takes -- so
 ``load_model("Qwen/Qwen2.5-0.5B")`` works the same way where the network is available.
 """
@@ -27,7 +29,7 @@ from . import checks
 from .config import SCALES, Scale, cache_dir, device as pick_device, get_scale
 
 __all__ = ["load_model", "toy_model_path", "shipped_dir", "pretrain", "TOY_MODELS", "TASK_MODELS",
-           "REPLICATION_MODELS"]
+           "REPLICATION_MODELS", "VERDICT_FRACTION_MODELS"]
 
 FORMAT_VERSION = 2  # bump when a toy model's recipe changes, so caches are rebuilt
 TRAIN_THREADS = 2  # CPU threads used to train toy models (part of the recipe: see toy_model_path)
@@ -46,9 +48,15 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
     Returns:
         The loss at every step.
     """
+    checks.instance("model", model, torch.nn.Module)
+    if not callable(batches):
+        raise TypeError(f"batches must be a function step -> [B, L] token ids, got {type(batches).__name__}")
     steps = checks.integer("steps", steps, low=1)
     warmup = checks.integer("warmup", warmup, low=1)
     lr = checks.real("lr", lr, low=0.0, low_open=True)
+    V = model.get_input_embeddings().weight.shape[0]
+    if first_target is not None:
+        first_target = checks.integer("first_target", first_target, low=0, high=V - 1)
     torch.manual_seed(checks.integer("seed", seed))
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -60,11 +68,19 @@ def pretrain(model, batches: Callable[[int], torch.Tensor], steps: int, lr: floa
     model.train()
     losses = []
     for step in range(steps):
-        ids = batches(step).to(device, non_blocking=True)
+        ids = batches(step)
+        checks.tensor(f"batches({step})", ids, dims=2, integral=True)
         labels = ids
         if first_target is not None:  # -100 (no loss) on the tokens up to and including the first `first_target`
             hit = ids == first_target
             labels = ids.masked_fill((hit.long().cumsum(1) == 0) | hit, -100)
+        # on the batch's own device (the CPU, for the book's builds): no GPU sync
+        if (min(ids.shape) < 1 or ids.shape[1] < 2 or int(ids.min()) < 0 or int(ids.max()) >= V
+                or not bool((labels[:, 1:] != -100).any())):
+            raise ValueError(f"batches({step}) must be token ids in [0, {V}) with at least one token to predict "
+                             f"(L >= 2{', after first_target' if first_target is not None else ''}), got shape "
+                             f"{tuple(ids.shape)}: a batch with nothing to predict trains to NaN weights")
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -117,10 +133,11 @@ def _length_batches(tok, lines: list[str], batch: int, seed: int) -> list[torch.
     return out
 
 
-def _build_arith(scale: Scale, out: Path, seed: int = 0, kind: str = "base") -> dict:
+def _build_arith(scale: Scale, out: Path, seed: int = 0, kind: str = "base", verdict_fraction: float = 1.0) -> dict:
     """The task world's model: GPT-2 trained on the fallible writer's corpus (``kind="base"``), on
     a corpus without verdicts (``"noverdict"``: an embedder of another kind), or a smaller, shorter
-    -trained model on the same kind of corpus (``"weak"``). Corpus seed 1000 + seed, init seed ``seed``."""
+    -trained model on the same kind of corpus (``"weak"``). Corpus seed 1000 + seed, init seed ``seed``;
+    ``verdict_fraction``: the share of corpus lines that carry their verdict (``WorldConfig.verdict_fraction``)."""
     import dataclasses
 
     from .worlds import arith, writer
@@ -129,7 +146,7 @@ def _build_arith(scale: Scale, out: Path, seed: int = 0, kind: str = "base") -> 
                                           scale.arith_steps, scale.arith_batch)
     if kind == "weak":
         layers, width, heads, steps = max(1, layers - 1), width * 2 // 3, max(1, heads // 2), steps * 2 // 5
-    cfg = dataclasses.replace(arith.WorldConfig(), verdict=kind != "noverdict")
+    cfg = dataclasses.replace(arith.WorldConfig(), verdict=kind != "noverdict", verdict_fraction=verdict_fraction)
     tok = arith.build_tokenizer()
     stop_id = tok.convert_tokens_to_ids(arith.STOP)
     lines = writer.corpus(int(steps * batch * 1.03) + 4 * batch, seed=1000 + seed, cfg=cfg)  # spare for remainders
@@ -147,6 +164,7 @@ def _build_arith(scale: Scale, out: Path, seed: int = 0, kind: str = "base") -> 
     _save(model, tok, out)
     return {"kind": kind, "seed": seed, "corpus_seed": 1000 + seed, "layers": layers, "width": width, "heads": heads,
             "steps": steps, "batch": batch, "lr": 2e-3, "verdicts": cfg.verdict,
+            **({"verdict_fraction": verdict_fraction} if verdict_fraction != 1 else {}),
             "final_loss": sum(losses[-50:]) / 50, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -173,12 +191,19 @@ TOY_MODELS: dict[str, Callable[[Scale, Path], dict]] = {
     "refimpl/toy-arith-s5": functools.partial(_build_arith, seed=5),
     "refimpl/toy-arith-weak": functools.partial(_build_arith, kind="weak"),
     "refimpl/toy-arith-noverdict": functools.partial(_build_arith, kind="noverdict"),
+    "refimpl/toy-arith-noverdict-s1": functools.partial(_build_arith, seed=1, kind="noverdict"),
+    **{f"refimpl/toy-arith-f{round(100 * f)}-s{s}": functools.partial(_build_arith, seed=s, verdict_fraction=f)
+       for f in (0.1, 0.5) for s in range(2)},  # verdicts on a share f of the corpus lines (toy-arith-f10-s0, ...)
     "refimpl/toy-exact": _build_exact,
 }
 TASK_MODELS = ["refimpl/toy-arith", "refimpl/toy-arith-s1", "refimpl/toy-arith-s2"]  # independently trained seeds
 # The base model is the unit of replication: six independently trained seeds of the same recipe
 # (TASK_MODELS first). Claims about methods resample them (metrics.cluster_bootstrap).
 REPLICATION_MODELS = TASK_MODELS + ["refimpl/toy-arith-s3", "refimpl/toy-arith-s4", "refimpl/toy-arith-s5"]
+# The base recipe, seeds 0 and 1, by the share f of corpus lines that carried the checker's verdict (f = 0: none).
+VERDICT_FRACTION_MODELS = {0.0: ("refimpl/toy-arith-noverdict", "refimpl/toy-arith-noverdict-s1"),
+                           **{f: tuple(f"refimpl/toy-arith-f{round(100 * f)}-s{s}" for s in range(2)) for f in (0.1, 0.5)},
+                           1.0: tuple(TASK_MODELS[:2])}
 
 
 def shipped_dir() -> Path:
@@ -210,8 +235,10 @@ def toy_model_path(name: str, scale: Scale | str | None = None, shipped: bool = 
     type only. The folder is written under a temporary name and renamed into place, so a crash or
     a concurrent build never leaves a half-written model.
     """
-    if name not in TOY_MODELS:
-        raise ValueError(f"unknown toy model {name!r}; known: {sorted(TOY_MODELS)}")
+    if not isinstance(name, str) or name not in TOY_MODELS:
+        raise (ValueError if isinstance(name, str) else TypeError)(
+            f"name must be a toy model, one of {sorted(TOY_MODELS)}; got {name!r}")
+    shipped = checks.boolean("shipped", shipped)
     scale = scale if isinstance(scale, Scale) else get_scale(scale)
     scale_dep = name != "refimpl/toy-exact"  # the exact world's model is the same at every scale
     sizes = {k: v for k, v in scale.__dict__.items() if k.startswith("arith_")}  # what shapes the model
@@ -267,6 +294,8 @@ def load_model(name_or_path: str | os.PathLike, device: torch.device | str | Non
 
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str, a torch.device or None, got {type(device).__name__} ({device!r})")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     name = os.fspath(name_or_path)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import checks, lm
+from . import checks, lm, sampling
 
 __all__ = ["Pool", "collect", "embed_texts"]
 
@@ -26,7 +26,17 @@ class Pool:
     features: Tensor  # [P, k, d] float32 (phi at the layer and position it was collected at)
 
     def __post_init__(self):
-        checks.same_device(samples=getattr(self.samples, "device", None), rewards=self.rewards, features=self.features)
+        """Shapes and devices first, then finiteness: rewards [P, k] and features [P, k, d] of the samples' P·k rows."""
+        checks.instance("samples", self.samples, lm.Samples)
+        checks.same_device(samples=self.samples.device, rewards=self.rewards, features=self.features)
+        checks.tensor("rewards", self.rewards, dims=2, floating=True)
+        checks.tensor("features", self.features, dims=3, floating=True)
+        groups = (self.samples.n_prompts, self.samples.k)
+        for name, t in (("rewards", self.rewards), ("features", self.features)):
+            if tuple(t.shape[:2]) != groups:
+                raise ValueError(f"{name} must have shape [P, k, ...] = {groups} (the samples' prompts and k), "
+                                 f"got {tuple(t.shape)}")
+        checks.finite("rewards", self.rewards), checks.finite("features", self.features)
 
     @property
     def texts(self) -> list[str]:
@@ -35,7 +45,7 @@ class Pool:
 
     def prompts(self, which: Tensor | Sequence[int]) -> "Pool":
         """The pool restricted to the prompts ``which`` (positions 0..P-1), in that order."""
-        which = torch.as_tensor(which, dtype=torch.long, device=self.rewards.device).reshape(-1)
+        which = sampling._indices("which", which, self.rewards.shape[0], self.rewards.device)
         return Pool(self.samples.prompts(which), self.rewards[which], self.features[which])
 
 
@@ -56,8 +66,12 @@ def collect(model, tokenizer, prompts: Sequence[str], targets: Sequence, reward_
         rewards ``reward_fn`` returns are moved there).
     """
     prompts = checks.strings("prompts", prompts)
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, (Sequence, Tensor)):
+        raise TypeError(f"targets must be a sequence with one target per prompt, got {type(targets).__name__}")
     if len(prompts) != len(targets):
         raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as reward_fn(texts, targets), got {type(reward_fn).__name__}")
     s = lm.sample(model, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                   seed=seed)  # lm.sample's own batching: the same seed gives the same samples
     device = s.completion_ids.device

@@ -10,7 +10,7 @@ phi(x, y) the hidden state of the last completion token of (x, y) and Q(x, y) = 
 * the policy-learning loss L_PG = -E_x sum_i softmax_i(Q_i / beta) r_i over chunks of samples
   of one prompt;
 * preferences: Bradley-Terry L_BT = -log sigmoid(Q_chosen - Q_rejected), or the hinge
-  L_hinge = max(0, 1 - (Q_chosen - Q_rejected)).
+  L_hinge = max(0, m - (Q_chosen - Q_rejected)), margin m = 0.1 as in the authors' code ("clip").
 
 As k grows the sampler tends to pi_base·exp(Q/beta)/Z, the KL-constrained optimum for reward Q
 (chapter ``qprobe``). :func:`refimpl.pools.collect` produces the features and rewards.
@@ -18,6 +18,7 @@ As k grows the sampler tends to pi_base·exp(Q/beta)/Z, the KL-constrained optim
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -57,24 +58,33 @@ class QProbe(nn.Module):
         return self.net(features).squeeze(-1)
 
 
-def _pair(q: Tensor, rewards: Tensor, name: str = "rewards", q_name: str = "q") -> None:
+def _pair(q: Tensor, rewards: Tensor, name: str = "rewards", q_name: str = "q") -> tuple[Tensor, Tensor]:
+    """Checked (q, rewards), in float32 if half precision (squares and differences of 6e4 overflow float16)."""
     checks.tensor(q_name, q, min_dims=1, floating=True)
     checks.tensor(name, rewards, floating=True)
     checks.same_device(**{q_name: q, name: rewards})
     checks.same_shape(**{q_name: q, name: rewards})
+    checks.nonempty(q_name, q)  # a mean over no example is NaN
     checks.finite(q_name, q)
     checks.finite(name, rewards)
+    return tuple(t if t.dtype in (torch.float32, torch.float64) else t.float() for t in (q, rewards))
+
+
+def _unit_interval(name: str, rewards: Tensor) -> None:
+    if bool(((rewards < 0) | (rewards > 1)).any()):
+        raise ValueError(f"{name} must lie in [0, 1] for the cross-entropy loss (probabilities of success)")
 
 
 def mse_loss(q: Tensor, rewards: Tensor) -> Tensor:
     """L_Q = mean (Q - r)^2 (reward modelling by regression)."""
-    _pair(q, rewards)
+    q, rewards = _pair(q, rewards)
     return F.mse_loss(q, rewards)
 
 
 def ce_loss(q: Tensor, rewards: Tensor) -> Tensor:
     """L_CE = mean BCE(sigmoid Q, r), for rewards in [0, 1] (reward modelling by classification)."""
-    _pair(q, rewards)
+    q, rewards = _pair(q, rewards)
+    _unit_interval("rewards", rewards)
     return F.binary_cross_entropy_with_logits(q, rewards)
 
 
@@ -90,7 +100,7 @@ def pg_loss(q: Tensor, rewards: Tensor, beta: float = 1.0) -> Tensor:
         beta: temperature, > 0 (the argmax at beta = 0 has no gradient).
     """
     beta = checks.beta(beta)
-    _pair(q, rewards)
+    q, rewards = _pair(q, rewards)
     if q.shape[-1] < 2:
         raise ValueError("pg_loss needs chunks of at least 2 candidates (with one, softmax is constant "
                          "and the gradient is zero)")
@@ -99,13 +109,13 @@ def pg_loss(q: Tensor, rewards: Tensor, beta: float = 1.0) -> Tensor:
 
 def bt_loss(q_chosen: Tensor, q_rejected: Tensor) -> Tensor:
     """L_BT = mean -log sigmoid(Q_chosen - Q_rejected) (Bradley-Terry on preference pairs)."""
-    _pair(q_chosen, q_rejected, "q_rejected", "q_chosen")
+    q_chosen, q_rejected = _pair(q_chosen, q_rejected, "q_rejected", "q_chosen")
     return -F.logsigmoid(q_chosen - q_rejected).mean()
 
 
-def hinge_loss(q_chosen: Tensor, q_rejected: Tensor, margin: float = 1.0) -> Tensor:
-    """L_hinge = mean max(0, margin - (Q_chosen - Q_rejected)) (the paper's hinge variant)."""
-    _pair(q_chosen, q_rejected, "q_rejected", "q_chosen")
+def hinge_loss(q_chosen: Tensor, q_rejected: Tensor, margin: float = 0.1) -> Tensor:
+    """L_hinge = mean max(0, margin - (Q_chosen - Q_rejected)); the authors' code ("clip") uses margin 0.1."""
+    q_chosen, q_rejected = _pair(q_chosen, q_rejected, "q_rejected", "q_chosen")
     margin = checks.real("margin", margin, low=0.0)
     return F.relu(margin - (q_chosen - q_rejected)).mean()
 
@@ -130,7 +140,7 @@ LOSSES: dict[str, tuple[str, Callable]] = {
     "ce": ("samples", lambda q, r, beta: _per_probe(F.binary_cross_entropy_with_logits(q, r, reduction="none"))),
     "pg": ("chunks", lambda q, r, beta: _per_probe(-(_weights(q, beta) * r).sum(-1))),
     "bt": ("pairs", _pairs_loss(lambda qc, qr: -F.logsigmoid(qc - qr))),
-    "hinge": ("pairs", _pairs_loss(lambda qc, qr: F.relu(1.0 - (qc - qr)))),
+    "hinge": ("pairs", _pairs_loss(lambda qc, qr: F.relu(0.1 - (qc - qr)))),
 }
 
 
@@ -219,6 +229,8 @@ def train_probes(features: Tensor, rewards: Tensor, loss: str = "pg", beta: floa
         raise ValueError(f"features must hold at least one sample, got shape {tuple(features.shape)}")
     checks.finite("features", features)
     checks.finite("rewards", rewards.float())
+    if loss == "ce":
+        _unit_interval("rewards", rewards)
     beta = checks.beta(beta)
     epochs = checks.integer("epochs", epochs, low=1)
     batch_size = checks.integer("batch_size", batch_size, low=1)
@@ -228,10 +240,15 @@ def train_probes(features: Tensor, rewards: Tensor, loss: str = "pg", beta: floa
         chunk_size = checks.integer("chunk_size", chunk_size, low=2, high=features.shape[2])
     if kind == "pairs" and (features.shape[2] != 2 or bool((rewards[:, 0] == rewards[:, 1]).any())):
         raise ValueError(f"loss={loss!r} needs features [P, 2, d] and rewards [P, 2] with unequal entries")
-    device = torch.device(device) if device is not None else features.device
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device, a string or None, got {type(device).__name__}")
+    try:
+        device = torch.device(device) if device is not None else features.device
+    except RuntimeError as e:
+        raise ValueError(f"device must name a torch device ('cpu', 'cuda', ...), got {device!r}") from e
     S, P, n, d = features.shape
     features, rewards = features.to(device, torch.float32), rewards.to(device, torch.float32)
-    torch.manual_seed(checks.integer("seed", seed))
+    torch.manual_seed(seed := checks.integer("seed", seed, low=-(2**63), high=2**63 - 1))
     template = QProbe(d, hidden).to(device)  # every probe starts from this one's weights
     stacked = _Stacked(template, S)
     opt = torch.optim.AdamW(stacked.parameters(), lr=lr, weight_decay=weight_decay)
@@ -261,6 +278,8 @@ def train_probes(features: Tensor, rewards: Tensor, loss: str = "pg", beta: floa
             total, n_batches = total + value.detach(), n_batches + 1
         curve.append(total / n_batches)
     curves = torch.stack(curve).T.tolist()  # [S][epochs]; one host sync, at the end
+    if not all(map(math.isfinite, curves[-1])):
+        raise ValueError("training diverged (a non-finite loss): standardize the features or lower lr")
     # copies of the template: no new initialisation, so the global generator is left as one probe's init leaves it
     return [ProbeFit(stacked.unstack(copy.deepcopy(template), i), curves[i]) for i in range(S)]
 
@@ -278,7 +297,7 @@ def chunk_expected_reward(q: Tensor, rewards: Tensor, k: int, beta: float) -> Te
         [P] the expected reward of the softmax-over-k sampler for each prompt.
     """
     checks.tensor("q", q, dims=2, floating=True)
-    _pair(q, rewards)
+    q, rewards = _pair(q, rewards)
     k = checks.integer("k", k, low=1, high=q.shape[-1])
     P, n = q.shape
     m = (n // k) * k

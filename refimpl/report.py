@@ -195,6 +195,9 @@ class Report:
                  if v is not None]
         if interval is None and extra:
             raise ValueError(f"{', '.join(extra)}: only with interval=, not with holds")
+        size = holds.numel() if hasattr(holds, "numel") else getattr(holds, "size", 1)  # tensor, array or scalar
+        if holds is not None and (isinstance(holds, (str, bytes, list, tuple, dict)) or size != 1):
+            raise TypeError(f"holds must be a bool (the claim decided by the caller), got {type(holds).__name__}")
         nums = {name: _check_value(name, v, lenient=self.recording) for name, v in numbers.items()}
         decided = {} if interval is None else self._decision(interval, threshold, direction, margin, unit)
         holds = (decided.pop("holds") if decided else bool(holds)) and all(_finite(v) for v in nums.values())

@@ -73,10 +73,9 @@ def select(scores: Tensor, beta: float, generator: torch.Generator | None = None
         [...] long indices in 0..k-1.
     """
     p = selection_weights(scores, beta)  # [..., k]
+    checks.generator("generator", generator, p.device)
     if beta == 0:
         return p.argmax(-1)
-    if generator is not None and generator.device.type != p.device.type:
-        raise ValueError(f"generator is on {generator.device} but scores are on {p.device}")
     flat = p.reshape(-1, p.shape[-1])  # [B, k]
     return torch.multinomial(flat, 1, generator=generator).reshape(p.shape[:-1])
 
@@ -95,6 +94,7 @@ def expected_value(scores: Tensor, values: Tensor, beta: float) -> Tensor:
     p = selection_weights(scores, beta)
     checks.tensor("values", values, floating=True)
     checks.same_shape(scores=scores, values=values)
+    checks.finite("values", values)
     return (p * values.to(p.dtype)).sum(-1)
 
 
@@ -120,10 +120,15 @@ def resampling_law(log_proposal: Tensor, log_w: Tensor, ks: Sequence[int], n_mc:
     """
     checks.tensor("log_proposal", log_proposal, min_dims=1, floating=True)
     checks.tensor("log_w", log_w, floating=True)
-    checks.same_device(log_proposal=log_proposal, log_w=log_w, generator=getattr(generator, "device", None))
+    checks.same_device(log_proposal=log_proposal, log_w=log_w)
+    checks.generator("generator", generator, log_proposal.device)
     checks.same_shape(log_proposal=log_proposal, log_w=log_w)
+    if log_proposal.shape[-1] < 1:
+        raise ValueError(f"log_proposal must have a support of N >= 1 outcomes, got shape {tuple(log_proposal.shape)}")
     checks.finite("log_proposal", log_proposal, allow_neg_inf=True)
     checks.finite("log_w", log_w, allow_neg_inf=True)
+    if isinstance(ks, Tensor) and ks.dim() == 1 and not ks.is_floating_point():
+        ks = ks.tolist()
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
         raise TypeError(f"ks must be a non-empty list of ints >= 1, got {ks!r}")
     ks = [checks.integer("ks", k, low=1) for k in ks]
@@ -161,10 +166,24 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
         log_w: [..., k] log importance weights (``-inf`` allowed, not all of a row).
 
     Returns:
-        [...] effective sample size.
+        [...] effective sample size (float32 for half-precision log weights).
     """
     checks.tensor("log_w", log_w, min_dims=1, floating=True)
+    if log_w.shape[-1] < 1:
+        raise ValueError(f"log_w must have a last dimension of k >= 1 weights, got shape {tuple(log_w.shape)}")
     checks.finite("log_w", log_w, allow_neg_inf=True)
     if bool(torch.isneginf(log_w).all(-1).any()):
         raise ValueError("log_w has a row whose weights are all zero (-inf): its ESS is undefined")
-    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+    return _ess(log_w)
+
+
+def _ess(log_w: Tensor) -> Tensor:
+    """:func:`effective_sample_size` without checks. For large log weights 2·log_w overflows (near
+    3e38 in float32) or 2·logsumexp - logsumexp cancels: rows whose largest |log w| exceeds 64 use
+    log w - max instead (no host sync; the other rows keep the bits of the plain formula)."""
+    lw = log_w if log_w.dtype in (torch.float32, torch.float64) else log_w.float()
+    ess = torch.exp(2 * torch.logsumexp(lw, -1) - torch.logsumexp(2 * lw, -1))
+    top = lw.amax(-1, keepdim=True)  # finite: not every weight of a row is 0
+    shifted = lw - top  # <= 0: 2·shifted cannot overflow
+    safe = torch.exp(2 * torch.logsumexp(shifted, -1) - torch.logsumexp(2 * shifted, -1))
+    return torch.where(torch.isfinite(ess) & (top.squeeze(-1).abs() <= 64), ess, safe)

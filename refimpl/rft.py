@@ -110,6 +110,9 @@ def finetune_dpo(policy, ref, samples: lm.Samples, chosen: Tensor, rejected: Ten
     if not isinstance(samples, lm.Samples):
         raise TypeError(f"samples must be a refimpl.lm.Samples, got {type(samples).__name__}")
     checks.same_device(policy=lm._device(policy), ref=lm._device(ref), samples=samples.device)
+    if policy is ref:
+        raise ValueError("ref must be a separate model from policy (a frozen copy: copy.deepcopy(policy)); "
+                         "the same module would move the reference along with the policy")
     for name, t in (("chosen", chosen), ("rejected", rejected)):
         if checks.tensor(name, t, dims=1, integral=True).dtype == torch.bool:
             raise TypeError(f"{name} must hold integer row indices, not a boolean mask")

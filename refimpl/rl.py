@@ -4,9 +4,13 @@ Every loss of :data:`LOSSES` takes a :class:`GroupBatch` and an :class:`RLConfig
 scalar: GVPO (:mod:`refimpl.gvpo`), GRPO and Dr. GRPO (:mod:`refimpl.grpo`). The same table
 serves :func:`refimpl.tabular.train_tabular` (a table of logits over a finite support, the exact
 world) and :func:`train` (a causal LM on sampled completions). KL-regularised policy gradient
-(:mod:`refimpl.klpg`, sequence-level, RLOO baseline) is the entry "kl_pg"; it is REINFORCE, so it
-assumes on-policy data (one update per fresh rollout). A config option that the chosen
-loss does not use must stay at its default: setting it is an error, never silently ignored.
+(:mod:`refimpl.klpg`; sequence-level by default, RLOO baseline) is the entry "kl_pg"; per-token
+penalties (``kl_level="token"``, the estimators of :mod:`refimpl.klest`) are what TRL's
+GRPOTrainer and verl code. KL-PG with k1 in the reward and the RLOO baseline has beta⁻¹ times GVPO-reference's
+gradient on any batch, from any sampler, so like GVPO it runs off-policy (stale, replayed or
+re-used data) with pi* as its fixed point; without a baseline it does not
+(:func:`refimpl.klpg.expected_gradient`). A config option that the chosen loss does not use must
+stay at its default: setting it is an error, never silently ignored.
 
 :func:`train` follows the authors' GVPO code (a verl fork): each step generates one rollout of
 ``prompts_per_step`` prompts × k completions, then makes ``epochs`` passes over it in
@@ -21,69 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import checks, klpg, lm
-from .gvpo import _centre, _gvpo_loss
-from .grpo import _dr_grpo_loss, _grpo_loss
+from . import checks, klest, klpg, lm
+from .losses import _LOSS_OPTIONS, LOSSES, GroupBatch, Loss  # noqa: F401 (re-exported)
 
 __all__ = ["GroupBatch", "RLConfig", "LOSSES", "TrainLog", "train", "rollout_batch"]
-
-
-@dataclass(frozen=True)
-class GroupBatch:
-    """What a loss sees: k completions for each of P prompts, per token."""
-
-    logp_tok: Tensor  # [P, k, T] log pi_theta per token, carrying the graph (0 on padding)
-    behavior_tok: Tensor  # [P, k, T] log-probs of the policy that generated the samples (no graph)
-    start_tok: Tensor  # [P, k, T] log-probs of the policy at the start of this step's updates (no graph)
-    ref_tok: Tensor  # [P, k, T] log pi_ref per token (no graph)
-    mask: Tensor  # [P, k, T] 1.0 on real completion tokens
-    rewards: Tensor  # [P, k]
-    max_tokens: int  # the generation budget T_max (Dr. GRPO's constant)
-
-
-def _gvpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    anchor = (b.ref_tok if c.anchor == "reference" else b.start_tok).sum(-1)  # [P, k]
-    logp = b.logp_tok.sum(-1)
-    if c.gvpo_terms == "both":
-        loss = _gvpo_loss(logp, anchor, b.rewards, c.beta)
-    else:  # the paper's ablations: one of the two terms of ½Var(R) - beta Cov(R, rho) + ½beta² Var(rho)
-        k = logp.shape[1]
-        rho = _centre(logp - anchor)
-        term = (-c.beta * _centre(b.rewards) * rho if c.gvpo_terms == "covariance" else 0.5 * c.beta**2 * rho**2)
-        loss = (term.sum(1) / (k - 1)).mean()
-    return loss * b.rewards.shape[0] if c.gvpo_reduction == "sum" else loss
-
-
-def _grpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    return _grpo_loss(b.logp_tok, b.behavior_tok, b.mask, b.rewards, c.clip_eps, c.kl_coef, b.ref_tok)
-
-
-def _dr_grpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    return _dr_grpo_loss(b.logp_tok, b.behavior_tok, b.mask, b.rewards, c.clip_eps, b.max_tokens)
-
-
-def _kl_pg(b: GroupBatch, c: "RLConfig") -> Tensor:
-    return klpg._surrogate(b.logp_tok.sum(-1), b.ref_tok.sum(-1), b.rewards, c.beta, c.kl_estimator,
-                           c.kl_baseline).mean()
-
-
-class Loss(NamedTuple):
-    fn: Callable[[GroupBatch, "RLConfig"], Tensor]  # (batch, config) -> scalar loss
-    options: tuple[str, ...]  # the loss-specific config fields it reads
-
-
-LOSSES: dict[str, Loss] = {
-    "gvpo": Loss(_gvpo, ("anchor", "beta", "gvpo_terms", "gvpo_reduction")),
-    "grpo": Loss(_grpo, ("clip_eps", "kl_coef")),
-    "dr_grpo": Loss(_dr_grpo, ("clip_eps",)),
-    "kl_pg": Loss(_kl_pg, ("beta", "kl_estimator", "kl_baseline")),
-}
-_LOSS_OPTIONS = ("anchor", "beta", "gvpo_terms", "gvpo_reduction", "clip_eps", "kl_coef", "kl_estimator", "kl_baseline")
 
 
 @dataclass(frozen=True)
@@ -98,8 +48,9 @@ class RLConfig:
     gvpo_reduction: str = "mean"  # GVPO over groups: "mean" (this book) or "sum" (the authors' code)
     clip_eps: float = 0.2  # GRPO / Dr. GRPO clip range, in (0, 1)
     kl_coef: float = 0.0  # GRPO's k3 penalty weight, >= 0
-    kl_estimator: str = "k1_reward"  # KL-PG: how the penalty is coded, one of refimpl.klpg.ESTIMATORS
+    kl_estimator: str = "k1_reward"  # KL-PG: how the penalty is coded, one of refimpl.klest.ESTIMATORS
     kl_baseline: str = "rloo"  # KL-PG: "rloo" (leave-one-out) or "none"
+    kl_level: str = "sequence"  # KL-PG: penalty on the sequence log-ratio, or summed over per-"token" ones
     k: int = 4  # completions per prompt (group size), >= 2
     prompts_per_step: int = 16  # prompts per rollout, drawn without replacement
     steps: int = 40  # rollouts (each followed by its updates)
@@ -118,7 +69,8 @@ class RLConfig:
         checks.choice("config.anchor", self.anchor, ("reference", "old"))
         checks.choice("config.gvpo_terms", self.gvpo_terms, ("both", "covariance", "variance"))
         checks.choice("config.gvpo_reduction", self.gvpo_reduction, ("mean", "sum"))
-        checks.choice("config.kl_estimator", self.kl_estimator, klpg.ESTIMATORS)
+        checks.choice("config.kl_estimator", self.kl_estimator, klest.ESTIMATORS)
+        checks.choice("config.kl_level", self.kl_level, klest.LEVELS)
         checks.choice("config.kl_baseline", self.kl_baseline, klpg.BASELINES)
         checks.beta(self.beta, "config.beta")
         checks.real("config.clip_eps", self.clip_eps, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -134,9 +86,6 @@ class RLConfig:
         if self.prompts_per_step % self.minibatches:
             raise ValueError(f"config.minibatches={self.minibatches} must divide config.prompts_per_step="
                              f"{self.prompts_per_step} (whole groups per update)")
-        if loss == "kl_pg" and (self.minibatches, self.epochs, self.staleness, self.replay) != (1, 1, 0, 0):
-            raise ValueError("loss 'kl_pg' is REINFORCE without importance weights: it needs on-policy data "
-                             "(config.minibatches=1, epochs=1, staleness=0, replay=0)")
         defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
         for name in _LOSS_OPTIONS:
             if name not in LOSSES[loss].options and getattr(self, name) != defaults[name]:
@@ -183,6 +132,27 @@ def _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, c: RLConfig, i
     return _Rollout(s, s.by_prompt(rewards.to(s.completion_ids.device)), beh, ref_tok)
 
 
+def _check_run(policy, ref, prompts, targets, reward_fn, config) -> list[str]:
+    """The checks :func:`train` and :func:`rollout_batch` share; returns ``prompts`` as a list."""
+    checks.instance("config", config, RLConfig)
+    for name, m in (("policy", policy), ("ref", ref)):
+        if not isinstance(m, torch.nn.Module):
+            raise TypeError(f"{name} must be a causal LM (a torch.nn.Module), got {type(m).__name__}")
+    if policy is ref:
+        raise ValueError("ref must be a separate model from policy (the anchor would move with the policy): "
+                         "pass a copy, e.g. copy.deepcopy(policy)")
+    prompts = checks.strings("prompts", prompts)
+    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__len__") or len(prompts) != len(targets):
+        raise ValueError(f"targets must have one entry per prompt ({len(prompts)}), got "
+                         f"{len(targets) if hasattr(targets, '__len__') else type(targets).__name__}")
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable (texts, targets) -> rewards, got {type(reward_fn).__name__}")
+    if config.prompts_per_step > len(prompts):
+        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the {len(prompts)} prompts")
+    checks.same_device(policy=lm._device(policy), ref=lm._device(ref))
+    return prompts
+
+
 def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, reward_fn: Callable,
                   config: RLConfig = RLConfig(), seed: int = 0) -> GroupBatch:
     r"""One fresh rollout of :func:`train` (``config.prompts_per_step`` prompts drawn with ``seed``,
@@ -193,7 +163,8 @@ def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Seque
     variance); :func:`train` does not call it.
 
     Args:
-        policy, ref: the policy (gradients flow into it) and the reference model.
+        policy, ref: the policy (gradients flow into it) and the reference model (a separate
+            object, in eval mode).
         prompts, targets, reward_fn: as in :func:`train`.
         config: :class:`RLConfig`; its ``k``, ``prompts_per_step``, ``max_new_tokens`` and
             ``temperature`` are used.
@@ -202,14 +173,9 @@ def rollout_batch(policy, ref, tokenizer, prompts: Sequence[str], targets: Seque
     Returns:
         :class:`GroupBatch` [P, k, T] with P = ``config.prompts_per_step``.
     """
-    if not isinstance(config, RLConfig):
-        raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
-    prompts = checks.strings("prompts", prompts)
-    if len(prompts) != len(targets):
-        raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
-    if config.prompts_per_step > len(prompts):
-        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the {len(prompts)} prompts")
-    checks.same_device(policy=lm._device(policy), ref=lm._device(ref))
+    prompts = _check_run(policy, ref, prompts, targets, reward_fn, config)
+    if ref.training:
+        raise ValueError("ref is in train mode (dropout would add noise to log pi_ref): call ref.eval() first")
     seed = checks.integer("seed", seed, low=0)
     idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[: config.prompts_per_step]
     r = _rollout(policy, ref, tokenizer, prompts, targets, reward_fn, config, idx.tolist(), seed)
@@ -235,7 +201,9 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
       4. ``epochs`` × ``minibatches`` sequential AdamW updates, each on a shuffled equal share of
          the groups, with gradient clipping.
 
-    The policy stays in eval mode (dropout off), as usual for RL fine-tuning of LMs.
+    The policy stays in eval mode (dropout off), as usual for RL fine-tuning of LMs; ``ref`` (a
+    separate object: passing the policy itself raises) is put in eval mode too.
+    ``config.staleness`` must be below ``config.steps`` (else no update would happen).
     ``callback(steps_done, policy)``, when given, runs after every step (to evaluate checkpoints);
     it must leave the policy's parameters alone and the policy in eval mode.
 
@@ -244,18 +212,15 @@ def train(policy, ref, tokenizer, prompts: Sequence[str], targets: Sequence, rew
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(config, RLConfig):
-        raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+    prompts, c = _check_run(policy, ref, prompts, targets, reward_fn, config), config
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    c = config
-    prompts = checks.strings("prompts", prompts)
-    if len(prompts) != len(targets):
-        raise ValueError(f"prompts has {len(prompts)} entries but targets has {len(targets)}")
-    if c.prompts_per_step > len(prompts):
-        raise ValueError(f"config.prompts_per_step={c.prompts_per_step} exceeds the {len(prompts)} prompts")
-    checks.same_device(policy=lm._device(policy), ref=lm._device(ref))
+    progress = checks.boolean("progress", progress)
+    if c.staleness >= c.steps:
+        raise ValueError(f"config.staleness={c.staleness} must be < config.steps={c.steps}: the first update uses the "
+                         "rollout of step staleness + 1, so no update would ever happen")
     policy.eval()  # dropout off for sampling and for the update alike
+    ref.eval()  # the reference is not trained: no dropout noise in log pi_ref
     opt = torch.optim.AdamW(policy.parameters(), lr=c.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(c.seed)
     buffer: list[_Rollout] = []

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from numbers import Integral
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from . import checks
 
-__all__ = ["Samples", "sample", "completion_mask", "padding_side"]
+__all__ = ["Samples", "sample", "completion_mask", "padding_side", "TINY_TEMPERATURE"]
+
+TINY_TEMPERATURE = 1e-3  # below it, logits are shifted to a maximum of 0 before the division by T
 
 
 @dataclass
@@ -33,8 +36,22 @@ class Samples:
     k: int  # completions per prompt
 
     def __post_init__(self):
+        """Shapes, kinds and devices only (no value is read): B·k rows everywhere, k dividing them."""
         checks.same_device(completion_ids=self.completion_ids, completion_mask=self.completion_mask,
                            prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, prompt_index=self.prompt_index)
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+            checks.tensor(name, getattr(self, name), dims=2, integral=True)
+        checks.same_shape(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask)
+        checks.same_shape(completion_ids=self.completion_ids, completion_mask=self.completion_mask)
+        rows = self.completion_ids.shape[0]
+        checks.tensor("prompt_index", self.prompt_index, dims=1, integral=True)
+        texts = checks.strings("texts", self.texts, allow_empty=True)
+        for name, n in (("prompt_ids", self.prompt_ids.shape[0]), ("prompt_index", len(self.prompt_index)),
+                        ("texts", len(texts))):
+            if n != rows:
+                raise ValueError(f"{name} has {n} rows but completion_ids has {rows}")
+        if checks.integer("k", self.k, low=1) and rows % self.k:
+            raise ValueError(f"k={self.k} completions per prompt must divide the {rows} rows")
 
     @property
     def device(self) -> torch.device:
@@ -50,12 +67,10 @@ class Samples:
         return len(self) // self.k
 
     def rows(self, index: Tensor | Sequence[int], k: int | None = None) -> "Samples":
-        """The samples at ``index`` (rows), with ``k`` completions per prompt in the result
-        (default: ``len(index)`` if it is not a multiple of ``self.k``, else ``self.k``)."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.completion_ids.device).reshape(-1)
-        if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self)):
-            raise ValueError(f"index must lie in [0, {len(self)}), got values in "
-                             f"[{int(index.min())}, {int(index.max())}]")
+        """The samples at ``index`` (row indices, or a boolean mask over the rows), with ``k``
+        completions per prompt in the result (default: ``len(index)`` if it is not a multiple of
+        ``self.k``, else ``self.k``)."""
+        index = _indices("index", index, len(self), self.device)
         k = k if k is not None else (self.k if len(index) % self.k == 0 else len(index))
         k = checks.integer("k", k, low=1)
         if len(index) % k:
@@ -65,14 +80,14 @@ class Samples:
                        texts=[self.texts[i] for i in index.tolist()], prompt_index=self.prompt_index[index], k=k)
 
     def prompts(self, which: Tensor | Sequence[int]) -> "Samples":
-        """All k samples of the prompts ``which`` (positions 0..B-1), in that order."""
-        which = torch.as_tensor(which, dtype=torch.long, device=self.completion_ids.device).reshape(-1)
+        """All k samples of the prompts ``which`` (positions 0..B-1, or a boolean mask over them), in that order."""
+        which = _indices("which", which, self.n_prompts, self.device)
         rows = (which[:, None] * self.k + torch.arange(self.k, device=which.device)).reshape(-1)  # [m*k]
         return self.rows(rows, k=self.k)
 
     def by_prompt(self, values: Tensor) -> Tensor:
         """A per-row tensor [B·k, ...] viewed per prompt: [B, k, ...]."""
-        if values.shape[0] != len(self):
+        if checks.tensor("values", values, min_dims=1).shape[0] != len(self):
             raise ValueError(f"values has {values.shape[0]} rows but the samples have {len(self)}")
         return values.reshape(self.n_prompts, self.k, *values.shape[1:])
 
@@ -81,6 +96,9 @@ class Samples:
 
         A tensor gives a tensor; any other sequence (targets, say) gives a list.
         """
+        if isinstance(per_prompt, (str, bytes)) or not isinstance(per_prompt, (Sequence, Tensor)) or (
+                isinstance(per_prompt, Tensor) and per_prompt.dim() == 0):
+            raise TypeError(f"per_prompt must be a sequence or a tensor of B values, got {type(per_prompt).__name__}")
         if len(per_prompt) != self.n_prompts:
             raise ValueError(f"per_prompt has {len(per_prompt)} entries but the samples have "
                              f"{self.n_prompts} prompts")
@@ -93,6 +111,29 @@ class Samples:
         ids = torch.tensor(checks.token_ids("token_ids", token_ids), dtype=torch.long,
                            device=self.completion_ids.device)
         return (torch.isin(self.completion_ids, ids) & self.completion_mask.bool()).any(-1)
+
+
+def _indices(name: str, index, size: int, device: torch.device) -> Tensor:
+    """Row indices in [0, size) as a long tensor on ``device``, from ints (a list, a tensor) or a
+    boolean mask of length ``size``; floats are refused (they would be truncated)."""
+    if isinstance(index, (str, bytes)):
+        raise TypeError(f"{name} must be integer indices or a boolean mask, got {type(index).__name__}")
+    if not isinstance(index, Tensor):
+        try:
+            index = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be integer indices or a boolean mask, got {type(index).__name__}") from e
+        index = index if index.numel() else index.long()  # [] would be float
+    if index.dtype == torch.bool:
+        if index.dim() != 1 or len(index) != size:
+            raise ValueError(f"{name}: a boolean mask must have one entry per item ({size}), got shape {tuple(index.shape)}")
+        index = index.nonzero().squeeze(1)
+    elif index.is_floating_point() or index.is_complex():
+        raise TypeError(f"{name} must hold integer indices or be a boolean mask, got {index.dtype}")
+    index = index.to(device=device, dtype=torch.long).reshape(-1)
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= size):
+        raise ValueError(f"{name} must lie in [0, {size}), got values in [{int(index.min())}, {int(index.max())}]")
+    return index
 
 
 def completion_mask(completion_ids: Tensor, eos_token_id: int | Sequence[int] | None) -> Tensor:
@@ -108,7 +149,7 @@ def completion_mask(completion_ids: Tensor, eos_token_id: int | Sequence[int] | 
     checks.tensor("completion_ids", completion_ids, dims=2, integral=True)
     if eos_token_id is None:
         return torch.ones_like(completion_ids)
-    eos = torch.tensor(checks.token_ids("eos_token_id", [eos_token_id] if isinstance(eos_token_id, int)
+    eos = torch.tensor(checks.token_ids("eos_token_id", [eos_token_id] if isinstance(eos_token_id, Integral)
                                         else eos_token_id), device=completion_ids.device)
     is_eos = torch.isin(completion_ids, eos).long()  # [B, T]
     before = torch.cumsum(is_eos, dim=1) - is_eos  # stops strictly before t
@@ -118,6 +159,7 @@ def completion_mask(completion_ids: Tensor, eos_token_id: int | Sequence[int] | 
 @contextlib.contextmanager
 def padding_side(tokenizer, side: str) -> Iterator[None]:
     """Set ``tokenizer.padding_side`` for the block and restore the caller's setting afterwards."""
+    side = checks.choice("side", side, ("left", "right"))
     old = tokenizer.padding_side
     tokenizer.padding_side = side
     try:
@@ -190,8 +232,15 @@ def sample(
     Returns:
         :class:`Samples` with B·k rows, prompt-major (rows i·k … i·k+k-1 answer prompt i).
     """
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessor, LogitsProcessorList
 
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "generate", None)):
+        raise TypeError(f"model must be a causal LM (a torch.nn.Module with .generate), got {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "padding_side"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    processors = list(logits_processor) if isinstance(logits_processor, Iterable) else []
+    if logits_processor is not None and not (isinstance(logits_processor, Iterable) and all(map(callable, processors))):
+        raise TypeError(f"logits_processor must be a list of logits processors, got {type(logits_processor).__name__}")
     prompts = checks.strings("prompts", prompts)
     k = checks.integer("k", k, low=1)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
@@ -202,12 +251,19 @@ def sample(
         top_k = checks.integer("top_k", top_k, low=1)
     batch_size = checks.integer("batch_size", batch_size, low=1)
     if seed is not None:
-        seed = checks.integer("seed", seed)
+        seed = checks.integer("seed", seed, low=-(2**63), high=2**64 - 1)  # what torch.manual_seed takes
 
     device = next(model.parameters()).device
     config, blank = _generation_config(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
     eos, pad = config.eos_token_id, config.pad_token_id
-    processors = LogitsProcessorList(list(logits_processor or []))
+    processors = LogitsProcessorList(processors)
+    if 0 < temperature < TINY_TEMPERATURE:  # logits / T would overflow (inf - inf = NaN): shift the maximum to 0 first
+
+        class ShiftMax(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                return scores - scores.amax(-1, keepdim=True)
+
+        processors.append(ShiftMax())
     with padding_side(tokenizer, "left"):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     if bool((enc["attention_mask"].sum(1) == 0).any()):

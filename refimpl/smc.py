@@ -12,7 +12,10 @@ the mean, so the product of mean weights stays an unbiased estimate Ẑ of the n
 constant Z = Σ_y Π_t γ_t (Del Moral 2004; for language models: Lew et al. 2023, arXiv 2306.03081;
 Zhao et al. 2024, twisted SMC, arXiv 2404.17546). ``ess_threshold=0`` never resamples: weighting
 k independent proposals and resampling once at the end is importance resampling, as
-:func:`refimpl.idle.corrected_sample` does; 1 resamples at every step.
+:func:`refimpl.idle.corrected_sample` does; 1 resamples at every step. With ``adapted=True`` the
+particles are weighted by Z_t = Σ_v γ_t(v), known *before* y_t is drawn, and resampled on it; the
+draw then adds log γ_t(y_t) - log q_t(y_t) - log Z_t, which is 0 when q_t ∝ γ_t (the fully adapted
+filter of Pitt & Shephard 1999: no weight is spent on a token already drawn).
 
 A *step* object supplies the factors: ``start(prompt_ids) -> state``, ``step(state, logits) ->``
 :class:`StepLogits` (log q_t and log γ_t over the vocabulary, [N, V]) and ``advance(state, tokens)
@@ -32,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import checks, constraints
-from .sampling import Samples, _context_length, completion_mask, padding_side
+from .particles import _resample_low_ess, ancestors, resample_index
+from .sampling import TINY_TEMPERATURE, Samples, _context_length, completion_mask, padding_side
 
 __all__ = ["StepLogits", "ConstrainedStep", "SMCResult", "smc", "resample_index", "ancestors", "soft_values",
            "guided_law", "TwistedStep"]
@@ -63,38 +67,14 @@ class ConstrainedStep:
         return self.constraint.advance(state, tokens)
 
     def __call__(self, state: Tensor, logits: Tensor) -> StepLogits:
-        log_p = torch.log_softmax(logits.float() / self.temperature, -1)  # [N, V]
-        log_gamma = log_p.masked_fill(self.constraint.banned(state, logits.shape[-1], logits.device), float("-inf"))
+        logits, banned = logits.float(), self.constraint.banned(state, logits.shape[-1], logits.device)
+        if self.temperature < TINY_TEMPERATURE:  # logits / T could overflow: shift the (allowed) maximum to 0 first
+            allowed = logits.masked_fill(banned, float("-inf"))  # q from it: P_T(allowed) may underflow to 0
+            log_q = torch.log_softmax((allowed - allowed.amax(-1, keepdim=True)) / self.temperature, -1)
+            log_p = torch.log_softmax((logits - logits.amax(-1, keepdim=True)) / self.temperature, -1)
+            return StepLogits(log_q, log_p.masked_fill(banned, float("-inf")))
+        log_gamma = torch.log_softmax(logits / self.temperature, -1).masked_fill(banned, float("-inf"))  # [N, V]
         return StepLogits(torch.log_softmax(log_gamma, -1), log_gamma)
-
-
-def _probs(log_w: Tensor) -> Tensor:
-    """w / Σ w over the last dim, with -inf weights (0) allowed; a row of zeros raises."""
-    if bool(torch.isneginf(log_w).all(-1).any()):
-        raise ValueError("log_w has a group whose weights are all 0 (-inf): there is nothing to resample")
-    checks.finite("log_w", log_w, allow_neg_inf=True)
-    return torch.softmax(log_w.float() - log_w.float().amax(-1, keepdim=True), -1)
-
-
-def resample_index(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """[...] one index I ~ w_I / Σ_i w_i per row of ``log_w`` [..., k] (a weight of 0 is never chosen)."""
-    p = _probs(checks.tensor("log_w", log_w, min_dims=1, floating=True))
-    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
-
-
-def ancestors(log_w: Tensor, scheme: str = "systematic", generator: torch.Generator | None = None) -> Tensor:
-    r"""[B, k] ancestor indices of k new particles per row of ``log_w`` [B, k], E[#copies of i] = k W_i.
-
-    ``multinomial``: k i.i.d. draws; ``systematic``: one uniform U, the points (U + j) / k.
-    """
-    checks.choice("scheme", scheme, ("multinomial", "systematic"))
-    p = _probs(checks.tensor("log_w", log_w, dims=2, floating=True))  # [B, k]
-    B, k = p.shape
-    if scheme == "multinomial":
-        return torch.multinomial(p, k, replacement=True, generator=generator)
-    u = (torch.rand(B, 1, generator=generator, device=p.device) + torch.arange(k, device=p.device)) / k  # [B, k]
-    c = p.cumsum(-1)
-    return torch.searchsorted(c / c[:, -1:], u, right=True).clamp(max=k - 1)
 
 
 @dataclass
@@ -108,6 +88,7 @@ class SMCResult:
     logq: Tensor  # [B*k] Σ_t log q_t(y_t) along each particle's path
     ess: Tensor  # [B, steps] ESS after weighting at each step (before any resampling)
     resampled: Tensor  # [B, steps] bool: the prompt's particles were resampled at that step
+    distinct: Tensor  # [B, steps] distinct prefixes y_≤t among a prompt's k particles after step t
 
     @property
     def n_resamples(self) -> Tensor:
@@ -145,7 +126,8 @@ def _kv_cache(out) -> tuple[str, object]:
 
 @torch.no_grad()
 def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_tokens: int = 16,
-        ess_threshold: float = 0.5, resampling: str = "systematic", seed: int | None = 0) -> SMCResult:
+        ess_threshold: float = 0.5, resampling: str = "systematic", adapted: bool = False,
+        seed: int | None = 0) -> SMCResult:
     r"""Run SMC with k particles per prompt (KV cache on, reordered on resampling).
 
     Args:
@@ -155,6 +137,7 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
         ess_threshold: resample a prompt's particles when ESS < ess_threshold · k (0: never;
             1: at every step).
         resampling: ``"systematic"`` or ``"multinomial"``.
+        adapted: weight by Z_t = Σ_v γ_t(v) and resample before drawing y_t (see above).
         seed: seeds the global RNG inside (restored afterwards); the draws of y_t consume it as
             ``generate`` does, so with nothing banned and no resampling the particles are
             ``lm.sample``'s completions for the same seed (one generate call: batch_size >= B·k).
@@ -163,13 +146,15 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
         :class:`SMCResult`. Completions stop at the model's stop token; later positions are
         padding and no longer change the weights.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a causal LM (a torch.nn.Module), got {type(model).__name__}")
     prompts = checks.strings("prompts", prompts)
     k = checks.integer("k", k, low=1)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
     ess_threshold = checks.real("ess_threshold", ess_threshold, low=0.0, high=1.0)
     checks.choice("resampling", resampling, ("multinomial", "systematic"))
-    if seed is not None:
-        seed = checks.integer("seed", seed)
+    adapted = checks.boolean("adapted", adapted)
+    seed = None if seed is None else checks.integer("seed", seed, low=0)
     if not all(callable(getattr(step, m, None)) for m in ("start", "advance", "__call__")):
         raise TypeError(f"step must have start(prompt_ids), advance(state, tokens) and __call__(state, logits), "
                         f"got {type(step).__name__}")
@@ -188,10 +173,10 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
         raise ValueError("prompts must not tokenize to nothing")
     B, N = len(prompts), len(prompts) * k
     ids, attn = enc["input_ids"].repeat_interleave(k, 0), enc["attention_mask"].repeat_interleave(k, 0)  # [N, P]
-    state, tokens = step.start(ids), ids.new_zeros(N, 0)
+    state, tokens, h = step.start(ids), ids.new_zeros(N, 0), torch.zeros(N, dtype=torch.long, device=device)
     log_w, logp, logq = (torch.zeros(N, device=device) for _ in range(3))
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    ess_trace, resampled = [], []
+    trace = []  # (ESS, resampled, distinct) [B] each, per step
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
@@ -205,32 +190,35 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
             if bool((torch.isneginf(log_gamma).all(-1) & ~finished).any()):
                 raise ValueError(f"at step {t} a particle has no token with positive target mass "
                                  "(everything is banned)")
+            log_zt = torch.where(finished, torch.zeros_like(log_w), torch.logsumexp(log_gamma, -1))  # [N] Σ_v γ_t(v)
+            if adapted:  # the draw's weight is known before the draw: weight on it, resample, then draw
+                ess, need, log_w, index = _resample_low_ess(log_w + log_zt, B, k, ess_threshold, resampling)
+                if index is not None:
+                    state, tokens, h, logp, logq, finished, cache, logits, log_q, log_gamma, log_zt = _take(
+                        (state, tokens, h, logp, logq, finished, cache, logits, log_q, log_gamma, log_zt), index)
             safe = torch.where(finished[:, None], torch.zeros_like(log_q), log_q)  # finished rows: any draw
             y = torch.multinomial(torch.softmax(safe, -1), 1).squeeze(1)  # [N]
             y = torch.where(finished, torch.full_like(y, pad), y)
             live, col = ~finished, y[:, None]
-            inc = log_gamma.gather(1, col).squeeze(1) - log_q.gather(1, col).squeeze(1)
+            inc = log_gamma.gather(1, col).squeeze(1) - log_q.gather(1, col).squeeze(1) - (log_zt if adapted else 0)
             log_w = log_w + torch.where(live, inc, torch.zeros_like(inc))
             lp = torch.log_softmax(logits, -1).gather(1, col).squeeze(1)
             logp = logp + torch.where(live, lp, torch.zeros_like(lp))
             lq = log_q.gather(1, col).squeeze(1)
             logq = logq + torch.where(live, lq, torch.zeros_like(lq))
             state, tokens = step.advance(state, y), torch.cat([tokens, y[:, None]], 1)
+            h = h * 1_000_003 + y + 1  # a 64-bit hash of the prefix (wraps around), to count distinct ones
             finished = finished | torch.isin(y, eos)
             if bool(torch.isneginf(log_w.view(B, k)).all(-1).any()):
                 raise ValueError(f"at step {t} every particle of a prompt has weight 0: the proposal q_t puts "
                                  "mass where the target γ_t has none")
-            ess = torch.exp(2 * torch.logsumexp(log_w.view(B, k), -1) - torch.logsumexp(2 * log_w.view(B, k), -1))
-            need = torch.ones_like(ess, dtype=torch.bool) if ess_threshold == 1 else ess < ess_threshold * k
-            ess_trace.append(ess)
-            resampled.append(need)
-            if bool(need.any()):
-                anc = ancestors(log_w.view(B, k), resampling)  # [B, k]
-                anc = torch.where(need[:, None], anc, torch.arange(k, device=device).expand(B, k))
-                index = (torch.arange(B, device=device)[:, None] * k + anc).reshape(-1)  # [N]
-                mean = (torch.logsumexp(log_w.view(B, k), -1) - math.log(k))[:, None].expand(B, k)
-                log_w = torch.where(need[:, None], mean, log_w.view(B, k)).reshape(-1)
-                state, tokens, logp, logq, finished, cache = _take((state, tokens, logp, logq, finished, cache), index)
+            if not adapted:
+                ess, need, log_w, index = _resample_low_ess(log_w, B, k, ess_threshold, resampling)
+                if index is not None:
+                    state, tokens, h, logp, logq, finished, cache = _take((state, tokens, h, logp, logq, finished,
+                                                                           cache), index)
+            hs = h.view(B, k).sort(-1).values
+            trace.append((ess, need, (hs[:, 1:] != hs[:, :-1]).sum(-1) + 1))
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, attn.new_ones(N, 1)], 1)
@@ -243,8 +231,8 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
     samples = Samples(ids, enc["attention_mask"].repeat_interleave(k, 0), tokens, cmask, texts,
                       torch.arange(B, device=device).repeat_interleave(k), k)
     lw = log_w.view(B, k)
-    return SMCResult(samples, lw, torch.logsumexp(lw, -1) - math.log(k), logp, logq, torch.stack(ess_trace, 1),
-                     torch.stack(resampled, 1))
+    ess, resampled, distinct = (torch.stack(x, 1) for x in zip(*trace))
+    return SMCResult(samples, lw, torch.logsumexp(lw, -1) - math.log(k), logp, logq, ess, resampled, distinct)
 
 
 def soft_values(logp: Tensor, reward: Tensor, beta: float, vocab_size: int) -> list[Tensor]:
@@ -259,7 +247,13 @@ def soft_values(logp: Tensor, reward: Tensor, beta: float, vocab_size: int) -> l
     checks.same_device(logp=logp, reward=checks.tensor("reward", reward, floating=True))
     checks.same_shape(logp=logp, reward=reward)
     checks.finite("logp", logp, allow_neg_inf=True), checks.finite("reward", reward, allow_neg_inf=True)
+    if logp.dtype in (torch.float16, torch.bfloat16):  # r / beta in half precision overflows from 6e4
+        logp, reward = logp.float(), reward.float()
     P, a, out = logp.shape[0], logp + reward / beta, []  # a: [P, V^L]
+    if bool(torch.isposinf(a).any()):
+        raise ValueError(f"reward / beta overflows {a.dtype} (beta = {beta:g}): use float64 tensors")
+    if bool(torch.isneginf(logp).all(-1).any()) or bool(torch.isneginf(a).all(-1).any()):
+        raise ValueError("logp and reward leave a prompt with no mass (logp + reward / beta is -inf on a row)")
     for t in range(L):
         num, den = (torch.logsumexp(x.view(P, V**t, -1), -1) for x in (a, logp))  # [P, V^t]: over suffixes
         out.append(torch.where(torch.isneginf(den), out[-1].repeat_interleave(V, 1), num - den) if t else num - den)
@@ -278,6 +272,10 @@ def guided_law(logp: Tensor, log_psi: Sequence[Tensor], vocab_size: int) -> Tens
     checks.same_device(logp=logp, **{f"log_psi[{t}]": p for t, p in enumerate(log_psi)})
     if not bool(torch.isfinite(logp).all()) or [tuple(p.shape) for p in log_psi] != shapes:
         raise ValueError(f"logp must be finite and log_psi {L + 1} tensors of shapes [P, V^t], t = 0..{L}")
+    for t, p in enumerate(log_psi[1:], 1):
+        checks.finite(f"log_psi[{t}]", checks.tensor(f"log_psi[{t}]", p, floating=True), allow_neg_inf=True)
+        if bool(torch.isneginf(p).all(-1).any()):
+            raise ValueError(f"log_psi[{t}] is -inf on every prefix of a prompt: guidance has nowhere to go")
     P, log_q = logp.shape[0], torch.zeros_like(logp)
     marg = [torch.logsumexp(logp.view(P, V**t, -1), -1) for t in range(L + 1)]  # log P(y_≤t): [P, V^t]
     for t in range(1, L + 1):
@@ -289,6 +287,7 @@ def guided_law(logp: Tensor, log_psi: Sequence[Tensor], vocab_size: int) -> Tens
 
 def _depth(logp: Tensor, V: int) -> int:  # L, for logp [P, V^L]
     N, V = checks.tensor("logp", logp, dims=2, floating=True).shape[1], checks.integer("vocab_size", V, low=2)
+    checks.nonempty("logp", logp)
     if V ** round(math.log(N) / math.log(V)) != N:
         raise ValueError(f"logp must have V^L columns (vocab_size V = {V}), got shape {tuple(logp.shape)}")
     return round(math.log(N) / math.log(V))
@@ -299,6 +298,9 @@ class TwistedStep:
     :func:`soft_values`, its rows those of the prompts ``prompt_ids`` [P, T]. State: (row, t, prefix code)."""
 
     def __init__(self, log_psi: Sequence[Tensor], prompt_ids: Tensor):
+        ok = isinstance(log_psi, Sequence) and not isinstance(log_psi, (str, bytes, Tensor)) and len(log_psi) >= 2
+        if not ok or not all(isinstance(p, Tensor) and p.dim() == 2 for p in log_psi):
+            raise TypeError("log_psi must be a list of [P, V^t] tensors, t = 0..L (soft_values' output)")
         self.log_psi, self.prompt_ids = list(log_psi), checks.tensor("prompt_ids", prompt_ids, dims=2, integral=True)
 
     def start(self, prompt_ids: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
 
     1. sample k indices per prompt from ``sampling``: "policy" (on-policy pi_theta), "uniform",
        or "reference" (a stale snapshot: pi_ref, never refreshed);
+       ("uniform" over the support of pi_ref: a completion with pi_ref = 0 has pi_theta = 0 too);
     2. gather log pi_theta, the sampling distribution's log-probs (GRPO's ratio denominator),
        the anchor "old" (the policy as it was ``anchor_every`` steps ago at most: refreshed every
        ``anchor_every`` steps) and log pi_ref, and R at them: [P, k];
@@ -53,8 +54,12 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
     checks.tensor("reward", reward, dims=2, floating=True)
     checks.same_device(logp_ref=logp_ref, reward=reward)
     checks.same_shape(logp_ref=logp_ref, reward=reward)
+    checks.nonempty("logp_ref", logp_ref)
     checks.finite("logp_ref", logp_ref, allow_neg_inf=True)
     checks.finite("reward", reward)
+    support = ~torch.isneginf(logp_ref)  # [P, N]: where pi_ref (and so every pi_theta) is positive
+    if not bool(support.any(-1).all()):
+        raise ValueError("logp_ref has a row that is -inf everywhere: pi_ref puts no mass anywhere")
     checks.choice("sampling", sampling, ("policy", "uniform", "reference"))
     anchor_every = checks.integer("anchor_every", anchor_every, low=1)
     if not isinstance(config, RLConfig):
@@ -64,21 +69,22 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
                  "max_new_tokens", "temperature"):
         if getattr(config, name) != getattr(defaults, name):
             raise ValueError(f"config.{name} does not apply to train_tabular (one SGD step per sampled batch)")
-    if config.loss == "kl_pg" and sampling != "policy":
-        raise ValueError(f"loss 'kl_pg' is REINFORCE without importance weights: it needs sampling='policy', "
-                         f"got {sampling!r}")
     theta = torch.nn.Parameter(logp_ref.detach().clone())  # [P, N]
     opt = torch.optim.SGD([theta], lr=config.lr)
     g = torch.Generator(device=logp_ref.device).manual_seed(config.seed)
     rows = torch.arange(logp_ref.shape[0], device=logp_ref.device).unsqueeze(1)  # [P, 1]
-    uniform = torch.full_like(logp_ref, 0.0).log_softmax(-1)
+    uniform = torch.full_like(logp_ref, 0.0).masked_fill(~support, float("-inf")).log_softmax(-1)  # on the support
     history, start_all = [], None
     for step in range(config.steps):
         logp_all = torch.log_softmax(theta, dim=-1)  # [P, N]
         if step % anchor_every == 0:
             start_all = logp_all.detach()
         sampler = {"policy": logp_all.detach(), "uniform": uniform, "reference": logp_ref}[sampling]
-        idx = torch.multinomial(sampler.softmax(-1), config.k, replacement=True, generator=g)  # [P, k]
+        try:
+            idx = torch.multinomial(sampler.softmax(-1), config.k, replacement=True, generator=g)  # [P, k]
+        except RuntimeError as e:  # the policy's probabilities are no longer finite
+            raise ValueError(f"train_tabular diverged at step {step} (pi_theta is not finite): lower config.lr "
+                             "or rescale reward") from e
         one = lambda t: t[rows, idx].unsqueeze(-1)  # [P, N] -> [P, k, 1]: one "token" per completion
         tok = one(logp_all)
         batch = GroupBatch(tok, one(sampler), one(start_all), one(logp_ref), torch.ones_like(tok),
@@ -88,4 +94,6 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
         (value * logp_ref.shape[0]).backward()
         opt.step()
         history.append(torch.log_softmax(theta.detach(), dim=-1))
+    if bool(torch.isnan(history[-1]).any() | torch.isposinf(history[-1]).any()):
+        raise ValueError("train_tabular diverged (the final pi_theta is not finite): lower config.lr or rescale reward")
     return TabularRun(history[-1], history)

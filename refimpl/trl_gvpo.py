@@ -27,22 +27,39 @@ update does not depend on how the batch is split (the authors' "sum" does, by de
   policy's checkpoint unless ``ref_model`` is given, then ZeRO-3-sharded by ``prepare_deepspeed``,
   FSDP-wrapped by ``prepare_fsdp``, or put on the device); a PEFT policy with its adapters disabled
   needs no copy. Its log-probs are computed once per generation batch, in chunks of
-  ``per_device_train_batch_size`` like TRL's old-log-prob pass.
+  ``per_device_train_batch_size`` like TRL's old-log-prob pass, which is then skipped (as it is in
+  evaluation, where the anchor is the current policy).
 
 **The authors' regime** (policy at the start of the rollout as anchor, several sequential
 mini-batch updates per rollout: 1024 prompts × k=4 per rollout, mini-batches of 256 prompts, beta
-0.1, lr 1e-6, grad clip 1.0): ``gvpo_anchor="old"`` with ``steps_per_generation = 4 ×
-gradient_accumulation_steps`` (four optimizer steps per rollout), e.g. on 8 GPUs
-``per_device_train_batch_size=16, gradient_accumulation_steps=8, steps_per_generation=32,
-num_generations=4, gvpo_reduction="sum", max_grad_norm=1.0``; or ``num_iterations > 1`` (epochs
-over the rollout). A multi-GPU launch (``train.py`` builds ``GVPOTrainerConfig`` and ``GVPOTrainer``
-and calls ``train()``)::
+0.1, constant lr 1e-6, weight decay 0.01, grad clip 1.0, the summed loss) is
+:func:`authors_config` (``gvpo_anchor="old"``, ``steps_per_generation = 4 ×
+gradient_accumulation_steps``; on 8 GPUs 16 completions per device, 8 accumulated, 32 per rollout).
+Other regimes reuse a rollout with ``num_iterations > 1`` (epochs over it). A multi-GPU launch
+(``train.py`` builds a ``GVPOTrainerConfig``, e.g. ``authors_config(out, num_processes=8)``, and a
+``GVPOTrainer``, and calls ``train()``)::
 
     accelerate launch --num_processes 8 --config_file zero3.yaml train.py
     # zero3.yaml: distributed_type: DEEPSPEED
     #             deepspeed_config: {zero_stage: 3, zero3_init_flag: true}
     # or FSDP:    distributed_type: FSDP
     #             fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP}
+
+Settings that would put a wrong term into a group's statistics are refused: TRL's
+``mask_truncated_completions`` (a zeroed mask gives rho = 0, which enters the group's mean) raises
+in :class:`GVPOTrainerConfig`, and a completion with no finite reward (every reward function returned
+``None``/NaN, which TRL turns into advantage 0, or one returned ±inf) raises ``ValueError`` naming the
+reward functions. A ``None`` from some of several reward functions keeps TRL's meaning (that function
+does not apply; the others' weighted sum is the reward).
+
+``gvpo/rho_mean`` logs the mean rho; ``gvpo/kl_ref`` the mean log pi_theta - log pi_ref per
+completion, an estimate of KL(pi_theta || pi_ref) on the generating policy's samples (with the "old"
+anchor it needs the frozen reference, see ``gvpo_log_kl_ref``). The reference is built with the
+policy's ``quantization_config`` (the trainer's argument, else the policy's own). On several
+processes each one holds whole groups (``per_device_train_batch_size`` a multiple of k) and DDP
+averages the processes' gradients: with "mean" the update equals one process accumulating the same
+micro-batches. The settings and :func:`authors_config` live in :mod:`refimpl.trl_gvpo_config` and
+are re-exported here.
 
 The subclass overrides private ``GRPOTrainer`` methods; it is tested with ``trl`` 1.16 (the pin in
 the ``trl`` extra) and raises ``RuntimeError`` naming the installed version when one of them is
@@ -51,66 +68,15 @@ missing or has changed its signature. Requires ``trl`` (``pip install -e ".[trl]
 from __future__ import annotations
 
 import inspect
-import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
 
 import torch
-import trl
-from packaging.specifiers import SpecifierSet
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from . import checks
 from .gvpo import _gvpo_loss
+from .trl_gvpo_config import (AUTHORS_REGIME, TESTED_TRL, GVPOTrainerConfig, _MM_KEYS, _trl_error,  # noqa: F401
+                              authors_config, check_trl_api)  # re-exported
 
-__all__ = ["GVPOTrainerConfig", "GVPOTrainer", "check_trl_api", "TESTED_TRL"]
-
-TESTED_TRL = ">=1.16,<1.17"
-# GRPOTrainer's private methods this module overrides or calls, with their leading parameters
-_PRIVATE_METHODS = {
-    "_generate_and_score_completions": ("self", "inputs"),
-    "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep",
-                                           "batch_size", "compute_entropy", "compute_aux_loss"),
-    "_prepare_inputs": ("self", "generation_batch"),
-    "_compute_loss": ("self", "model", "inputs"),
-}
-# instance attributes GRPOTrainer.__init__ sets and this module reads or writes
-_PRIVATE_ATTRS = ("_step", "_buffered_inputs", "_metrics", "num_generations", "num_iterations", "temperature",
-                  "aux_loss_enabled", "router_aux_loss_coef")
-# multimodal inputs TRL's forward passes take from the batch
-_MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-            "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def _trl_error(what: str) -> RuntimeError:
-    return RuntimeError(f"refimpl.trl_gvpo relies on private GRPOTrainer internals of trl{TESTED_TRL}, but the "
-                        f"installed trl {trl.__version__} {what}; install a tested one: pip install 'trl{TESTED_TRL}'")
-
-
-def check_trl_api(trainer=None) -> None:
-    """Raise ``RuntimeError`` (naming the installed TRL) if a private TRL API this module uses is gone.
-
-    Checks that each overridden or called ``GRPOTrainer`` method exists with its 1.16 leading
-    parameters, that TRL's loss is flagged as already scaled for gradient accumulation, and, given a
-    constructed ``trainer``, the private attributes read here. Runs at import and in ``GVPOTrainer``.
-    """
-    for name, params in _PRIVATE_METHODS.items():
-        method = getattr(GRPOTrainer, name, None)
-        if not callable(method):
-            raise _trl_error(f"has no GRPOTrainer.{name}")
-        got = tuple(inspect.signature(method).parameters)
-        if got[:len(params)] != params or (name == "_get_per_token_logps_and_entropies" and set(_MM_KEYS) - set(got)):
-            raise _trl_error(f"changed GRPOTrainer.{name}: expected parameters {params}, found {got}")
-    if getattr(GRPOTrainer, "loss_is_scaled_for_ga", None) is not True:
-        raise _trl_error("no longer sets GRPOTrainer.loss_is_scaled_for_ga = True (the loss scaling used here)")
-    missing = [a for a in _PRIVATE_ATTRS if trainer is not None and not hasattr(trainer, a)]
-    if missing:
-        raise _trl_error(f"no longer sets the GRPOTrainer attributes {missing}")
-
-
-check_trl_api()
-if not SpecifierSet(TESTED_TRL).contains(trl.__version__):
-    warnings.warn(f"refimpl.trl_gvpo is tested with trl{TESTED_TRL}, not the installed {trl.__version__}", stacklevel=2)
 try:
     from accelerate.utils import is_peft_model
     from trl.models import prepare_deepspeed, prepare_fsdp
@@ -120,56 +86,8 @@ try:
 except ImportError as err:  # a moved helper
     raise _trl_error(f"lacks a helper: {err}") from err
 
-# GRPOConfig fields whose only effect is on TRL's own loss, which GVPO replaces: they must keep their defaults
-_LOSS_ONLY_FIELDS = ("loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level",
-                     "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy", "off_policy_mask_threshold",
-                     "vllm_importance_sampling_correction")
-
-
-@dataclass
-class GVPOTrainerConfig(GRPOConfig):
-    """``GRPOConfig`` plus GVPO's settings; its defaults switch TRL's reward scaling, KL and IS off."""
-
-    gvpo_beta: float = field(default=0.1, metadata={"help": "GVPO's KL coefficient beta (> 0)."})
-    gvpo_anchor: str = field(default="old", metadata={
-        "help": "'old' (the policy that generated the batch, the authors' code) or 'reference' (a frozen model)."})
-    gvpo_reduction: str = field(default="mean", metadata={
-        "help": "'mean' over the micro-batch's groups (refimpl.gvpo.gvpo_loss) or 'sum' (the authors' code)."})
-    # TRL fields with GVPO's values as defaults; any other value raises
-    beta: float = field(default=0.0, metadata={"help": "TRL's KL term: must stay 0.0 (GVPO uses gvpo_beta)."})
-    scale_rewards: str = field(default="none", metadata={"help": "Must be 'none' (or False): GVPO centres only."})
-    vllm_importance_sampling_correction: bool = field(default=False, metadata={
-        "help": "Must stay False: GVPO's loss has no importance ratio (any sampling distribution is allowed)."})
-
-    def __post_init__(self):
-        super().__post_init__()  # maps scale_rewards True/False to "group"/"none"
-        self.gvpo_beta = checks.beta(self.gvpo_beta, "gvpo_beta")
-        checks.choice("gvpo_anchor", self.gvpo_anchor, ("old", "reference"))
-        checks.choice("gvpo_reduction", self.gvpo_reduction, ("mean", "sum"))
-        if self.beta != 0.0:
-            raise ValueError(f"beta must be 0.0 (TRL's KL penalty; GVPO's KL coefficient is gvpo_beta), "
-                             f"got {self.beta}")
-        if self.scale_rewards != "none":
-            raise ValueError(f"scale_rewards must be 'none' or False (GVPO's rewards are centred, not divided by "
-                             f"their std), got {self.scale_rewards!r}")
-        if self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError("multi_objective_aggregation must be 'sum_then_normalize' (with scale_rewards='none': "
-                             f"weighted sum, then group centring), got {self.multi_objective_aggregation!r}")
-        if self.num_generations_eval not in (None, self.num_generations):
-            raise ValueError(f"num_generations_eval must be None or num_generations ({self.num_generations}): "
-                             f"GVPO's loss is defined per group of k, got {self.num_generations_eval}")
-        defaults = {f.name: f.default for f in fields(self)}
-        for name in _LOSS_ONLY_FIELDS:
-            if getattr(self, name) != defaults[name]:
-                raise ValueError(f"{name} only changes TRL's own loss, which GVPO replaces: leave it at "
-                                 f"{defaults[name]!r}, got {getattr(self, name)!r}")
-        sizes = {"per_device_train_batch_size": self.per_device_train_batch_size}
-        if self.eval_strategy != "no" or self.do_eval:
-            sizes["per_device_eval_batch_size"] = self.per_device_eval_batch_size
-        for name, size in sizes.items():
-            if size % self.num_generations != 0:
-                raise ValueError(f"{name} ({size}) must be a multiple of num_generations ({self.num_generations}) "
-                                 "so that every micro-batch holds whole groups")
+# GVPOTrainerConfig, authors_config, AUTHORS_REGIME, check_trl_api and TESTED_TRL are re-exported from trl_gvpo_config
+__all__ = ["GVPOTrainer"]
 
 
 def _permute(value, perm: torch.Tensor):
@@ -187,38 +105,49 @@ class GVPOTrainer(GRPOTrainer):
     Every argument is ``trl.GRPOTrainer``'s, with ``args`` a :class:`GVPOTrainerConfig`, plus:
 
     Args:
-        ref_model: the frozen reference for ``gvpo_anchor="reference"``: a model or a checkpoint path
-            (default: the policy's checkpoint, ``model.config._name_or_path``, as TRL loads its own
-            reference; for a PEFT policy, the policy with its adapters disabled). Only with
-            ``gvpo_anchor="reference"``.
+        ref_model: the frozen reference, for ``gvpo_anchor="reference"`` or ``gvpo_log_kl_ref``: a
+            model or a checkpoint path (default: the policy's checkpoint, ``model.config._name_or_path``,
+            as TRL loads its own reference, with the policy's ``quantization_config``; for a PEFT
+            policy, the policy with its adapters disabled).
     """
 
     def __init__(self, *args, ref_model=None, **kwargs):
         check_trl_api()
+        bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
         super().__init__(*args, **kwargs)
         check_trl_api(self)
         if not isinstance(self.args, GVPOTrainerConfig):
             raise TypeError(f"args must be a GVPOTrainerConfig, got {type(self.args).__name__}")
-        if ref_model is not None and self.args.gvpo_anchor != "reference":
-            raise ValueError(f"ref_model is used only with gvpo_anchor='reference', got {self.args.gvpo_anchor!r}")
-        self.gvpo_ref_model = None  # None with the "reference" anchor: a PEFT policy with its adapters off
-        if self.args.gvpo_anchor == "reference" and not (ref_model is None and is_peft_model(self.model)):
-            self.gvpo_ref_model = self._prepare_gvpo_reference(ref_model)
+        uses_ref = self.args.gvpo_anchor == "reference" or self.args.gvpo_log_kl_ref
+        if ref_model is not None and not uses_ref:
+            raise ValueError("ref_model is used only with gvpo_anchor='reference' or gvpo_log_kl_ref=True, got "
+                             f"gvpo_anchor={self.args.gvpo_anchor!r}, gvpo_log_kl_ref=False")
+        self.gvpo_uses_ref = uses_ref
+        self.gvpo_ref_model = None  # None and uses_ref: a PEFT policy with its adapters off
+        if uses_ref and not (ref_model is None and is_peft_model(self.model)):
+            quantization = bound.get("quantization_config") or getattr(self.model.config, "quantization_config", None)
+            self.gvpo_ref_model = self._prepare_gvpo_reference(ref_model, quantization)
 
-    def _prepare_gvpo_reference(self, ref_model):
+    def _gvpo_reference_kwargs(self, quantization_config) -> dict:
+        """``from_pretrained`` arguments of the reference: TRL's for its ``ref_model``, the policy's quantization."""
+        kwargs = dict(self.args.model_init_kwargs or {})
+        if quantization_config is not None:  # as TRL: the trainer's argument wins over model_init_kwargs
+            kwargs["quantization_config"] = quantization_config
+        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None  # as TRL: "auto" fails under distributed training
+        kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        kwargs.setdefault("dtype", self.model.dtype)
+        kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
+        return kwargs
+
+    def _prepare_gvpo_reference(self, ref_model, quantization_config=None):
         """The frozen reference, built and wrapped like GRPOTrainer's ``ref_model`` (sharded under ZeRO-3/FSDP)."""
         if ref_model is None or isinstance(ref_model, str):
             path = ref_model or get_config_model_id(self.model.config)
             if not path:
                 raise ValueError("ref_model: the policy has no checkpoint path (config._name_or_path) to load the "
                                  "reference from; pass ref_model= (a model or a path)")
-            kwargs = dict(self.args.model_init_kwargs or {})
-            if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-                kwargs["device_map"] = None  # as TRL: "auto" fails under distributed training
-            kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-            kwargs.setdefault("dtype", self.model.dtype)
-            kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
-            ref_model = create_model_from_path(path, **kwargs)
+            ref_model = create_model_from_path(path, **self._gvpo_reference_kwargs(quantization_config))
         elif not isinstance(ref_model, torch.nn.Module):
             raise TypeError(f"ref_model must be a model, a path or None, got {type(ref_model).__name__}")
         ref_model.eval().requires_grad_(False)
@@ -246,18 +175,43 @@ class GVPOTrainer(GRPOTrainer):
             compute_aux_loss=compute_aux_loss, **{key: inputs.get(key) for key in _MM_KEYS})  # [B, T]
         return (per_token * self._gvpo_mask(inputs)).sum(dim=1), aux_loss
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's [B_global, n_funcs] rewards (gathered over processes), refused unless each completion has one."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        unscored, infinite = rewards.isnan().all(dim=1), rewards.isinf()
+        if bool(unscored.any() | infinite.any()):  # identical on every process: all of them raise
+            names = list(self.reward_func_names)
+            if unscored.any():
+                what = (f"every reward function ({names}) returned None or NaN for completion "
+                        f"{int(unscored.int().argmax())} of the generation batch")
+            else:
+                what = f"{[names[j] for j in infinite.any(dim=0).nonzero()[:, 0].tolist()]} returned ±inf"
+            raise ValueError(f"reward_funcs: {what}; GVPO needs a finite reward for every completion of a group "
+                             "(TRL would give an unscored one advantage 0 while its rho still enters the group's "
+                             "mean): return a reward for it, e.g. the lowest")
+        return rewards
+
     def _generate_and_score_completions(self, inputs):
-        """TRL's batch plus ``gvpo_logp_anchor`` [B] where the anchor is not the current policy."""
-        out = super()._generate_and_score_completions(inputs)
-        if self.args.gvpo_anchor == "reference":
-            training = self.model.training
+        """TRL's batch plus ``gvpo_logp_ref`` [B] if a reference is used, ``gvpo_logp_anchor`` [B] if needed."""
+        training = self.model.training
+        skip_old = self.args.gvpo_anchor == "reference" or not training  # TRL's old-log-prob pass would be unused
+        if skip_old:  # with beta = 0 and no vLLM IS (GVPOTrainerConfig) it is TRL's only forward pass in there
+            self._get_per_token_logps_and_entropies = lambda *args, **kwargs: (None, None, None)
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            if skip_old:
+                del self._get_per_token_logps_and_entropies  # back to the class's method
+        if self.gvpo_uses_ref:
             batch_size = self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
             ref, context = self.gvpo_ref_model, nullcontext()
             if ref is None:  # a PEFT policy with its adapters off (or its "ref" adapter), as TRL does
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
             with torch.no_grad(), context:
-                out["gvpo_logp_anchor"], _ = self._gvpo_logps(self.model if ref is None else ref, out, batch_size)
+                out["gvpo_logp_ref"], _ = self._gvpo_logps(self.model if ref is None else ref, out, batch_size)
+        if self.args.gvpo_anchor == "reference":
+            out["gvpo_logp_anchor"] = out["gvpo_logp_ref"]
         elif out.get("old_per_token_logps") is not None:  # TRL's pass over the generating policy, reused
             out["gvpo_logp_anchor"] = (out["old_per_token_logps"] * self._gvpo_mask(out)).sum(dim=1)
         return out
@@ -290,7 +244,10 @@ class GVPOTrainer(GRPOTrainer):
         loss = loss / accumulated
         if aux_loss is not None:  # MoE load balancing, as TRL adds it
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulated
-        rho = logp.detach() - logp_anchor  # [groups, k]
-        self._metrics["train" if training else "eval"]["gvpo/rho_mean"].append(
-            self.accelerator.gather(rho.mean()).mean().item())
+        stats = {"gvpo/rho_mean": (logp.detach() - logp_anchor).mean()}  # each [], averaged over processes
+        if inputs.get("gvpo_logp_ref") is not None:
+            stats["gvpo/kl_ref"] = (logp.detach() - inputs["gvpo_logp_ref"].view(-1, k)).mean()
+        gathered = self.accelerator.gather(torch.stack(list(stats.values()))[None]).mean(dim=0).tolist()
+        for name, value in zip(stats, gathered):
+            self._metrics["train" if training else "eval"][name].append(value)
         return loss

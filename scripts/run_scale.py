@@ -212,8 +212,7 @@ def run(scale_name: str, chapters: list[str], command: str, results: Path = RESU
     device = config.device(scale)
     scripts = {ch: chapter_script(ch) for ch in chapters}  # fail now, not after training the models
     t0 = time.perf_counter()
-    spare = set(models.REPLICATION_MODELS) - set(models.TASK_MODELS)  # seeds no chapter reads yet
-    for name in [n for n in models.TOY_MODELS if n not in spare]:
+    for name in models.TOY_MODELS:
         models.toy_model_path(name, scale)
     models_wall = time.perf_counter() - t0
     print(f"toy models ready in {models_wall:.0f} s", flush=True)

@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# The tests never download: the hub libraries read these flags when they are imported (setting them
+# later, e.g. with monkeypatch, leaves them retrying the network until a timeout).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 # Tests train (or reuse) the toy models in the repository's own cache unless told otherwise.
 os.environ.setdefault("REFIMPL_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "refimpl"))
 

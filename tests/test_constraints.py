@@ -119,6 +119,114 @@ def _bytewise_table(rule, token_bytes, s):
     return out
 
 
+# --- following a constraint through generate: every decoding mode ------------------------------
+
+def _one_d(state, byte):
+    """At most one 'd' in the completion (state: the count so far; a second 'd' is dead)."""
+    return (None if state == 1 else 1) if byte == ord("d") else state
+
+
+def _reference_masks(rule, ids, P, V):
+    """[N, V] banned masks of the rows of ids [N, L] whose prompt is ids[:, :P], from scratch."""
+    state = rule.start(ids[:, :P])
+    for t in range(P, ids.shape[1]):
+        state = rule.advance(state, ids[:, t])
+    return rule.banned(state, V, "cpu")
+
+
+def test_tracker_replays_calls_in_any_order(exact_world):
+    """Calls as the decoding modes make them -- one token per call, rows reordered (beam search),
+    several tokens at once and back to a shorter prefix (assisted decoding), the same prefix twice,
+    a few calls long forgotten -- give the masks computed from the prompt, row by row."""
+    from refimpl import tracking
+
+    tb, g = C.token_bytes(exact_world.tokenizer), torch.Generator().manual_seed(0)
+    rules = [C.Automaton(_one_d, 0, tb), C.BadWords([[2, 2], [3, 1, 4]])]
+    for rule in rules:
+        tr, P = tracking.Tracker(rule, history=3), 2
+        seq = torch.randint(1, 5, (6, 14), generator=g)  # 6 rows: prompt of 2 + 12 tokens
+        assert torch.equal(tr.banned(seq[:, :P], 5, "cpu"), _reference_masks(rule, seq[:, :P], P, 5))
+        kinds, length, rows = [tr.kind], P, torch.arange(6)  # a generation starts with its prompts
+        for step in range(40):
+            if step % 3 == 1 and length < 14:  # the next token of the same rows (sampling, greedy)
+                length += 1
+            else:  # back off, stay or jump ahead, on some rows in some order
+                length = max(P, min(14, length + int(torch.randint(-3, 4, (), generator=g))))
+                rows = torch.randperm(6, generator=g)[: int(torch.randint(1, 7, (), generator=g))]
+            if step % 7 == 3:  # a rejected draft: the same prefix with other next tokens
+                seq[:, length:] = torch.randint(1, 5, (6, 14 - length), generator=g)
+            ids = seq[rows, :length]
+            assert torch.equal(tr.banned(ids, 5, "cpu"), _reference_masks(rule, ids, P, 5))
+            kinds.append(tr.kind)
+        assert {"new", "step", "other"} <= set(kinds)
+        tr.reset()
+        assert torch.equal(tr.banned(seq[:, :9], 5, "cpu"), _reference_masks(rule, seq[:, :9], 9, 5))
+        assert tr.kind == "new"  # after reset the rows are prompts
+
+
+def _generate_rows(model, tok, prompts, proc, **kw):
+    """(prompt ids, completion ids) of model.generate on each prompt (one call per prompt)."""
+    out = []
+    for p in prompts:
+        enc = tok([p], return_tensors="pt")
+        seq = model.generate(**enc, max_new_tokens=10, logits_processor=[proc()] if proc else None, pad_token_id=0, **kw)
+        out += [(enc["input_ids"][0], row[enc["input_ids"].shape[1]:]) for row in seq]
+    return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
+
+
+@pytest.mark.parametrize("mode", ["sample", "greedy", "beam", "beam_sample", "assisted_greedy", "assisted_sample",
+                                  "prompt_lookup"])
+def test_constraint_holds_in_every_generate_mode(exact_world, mode, one_thread):
+    """"At most one d" over 10 tokens (the model was trained on 3): no mode lets a second d through;
+    without the ban most prompts write one; assisted greedy decoding returns plain greedy's output."""
+    w = exact_world
+    rule = C.Automaton(_one_d, 0, C.token_bytes(w.tokenizer))
+    assistant = copy.deepcopy(w.model)
+    kw = {"sample": dict(do_sample=True, num_return_sequences=4),
+          "greedy": dict(do_sample=False),
+          "beam": dict(do_sample=False, num_beams=4, num_return_sequences=2),
+          "beam_sample": dict(do_sample=True, num_beams=3, num_return_sequences=3),
+          "assisted_greedy": dict(do_sample=False, assistant_model=assistant),
+          "assisted_sample": dict(do_sample=True, assistant_model=assistant),
+          "prompt_lookup": dict(do_sample=False, prompt_lookup_num_tokens=2, max_matching_ngram_size=1,
+                                eos_token_id=0)}[mode]  # transformers 4.56's prompt lookup needs a stop token
+    torch.manual_seed(0)
+    prompts = w.prompts if mode != "assisted_sample" else w.prompts * 3
+    pids, comp = _generate_rows(w.model, w.tokenizer, prompts, lambda: idle.IDLELogitsProcessor(rule), **kw)
+    assert not C.violations(rule, pids, comp, torch.ones_like(comp), 5).any()
+    if mode in ("greedy", "assisted_greedy", "prompt_lookup"):
+        free = _generate_rows(w.model, w.tokenizer, w.prompts, None, **kw)
+        assert C.violations(rule, *free, torch.ones_like(free[1]), 5).sum() >= 4  # the ban has work to do
+        plain = _generate_rows(w.model, w.tokenizer, w.prompts, lambda: idle.IDLELogitsProcessor(rule), do_sample=False,
+                               eos_token_id=kw.get("eos_token_id"))
+        assert torch.equal(comp, plain[1])  # greedy, assisted or not, is one decoder
+
+
+def test_drafted_prefix_with_a_banned_token_gets_no_token(exact_world):
+    """Assisted decoding verifies a draft that may already hold a banned token (transformers 4.56's
+    prompt lookup does not filter drafts): that row gets all -inf and no error; a row whose
+    state allows nothing, with no banned token taken, still raises."""
+    rule = C.Automaton(_one_d, 0, C.token_bytes(exact_world.tokenizer))
+    proc, scores = idle.IDLELogitsProcessor(rule), torch.randn(2, 5)
+    proc(torch.tensor([[1, 1], [2, 3]]), scores)  # the prompts
+    out = proc(torch.tensor([[1, 1, 4, 4], [2, 3, 4, 2]]), scores)  # row 0 took a second 'd'
+    assert torch.isneginf(out[0]).all() and torch.isneginf(out[1, 4]) and torch.isfinite(out[1, :4]).all()
+    with pytest.raises(ValueError, match="no finite allowed token"):
+        idle.IDLELogitsProcessor(C.BadWords([[v] for v in range(5)]))(torch.tensor([[1, 1]]), scores[:1])
+
+
+def test_tracking_log_z_refuses_reordering_modes(exact_world):
+    """Recording log Z_t needs rows in a fixed order: beam search and assisted decoding raise."""
+    w = exact_world
+    enc = w.tokenizer([w.prompts[0]], return_tensors="pt")
+    for kw in (dict(num_beams=3), dict(assistant_model=copy.deepcopy(w.model))):
+        proc = idle.IDLELogitsProcessor([4], track_temperature=1.0)
+        with pytest.raises(ValueError, match="track_temperature|completion_mask"):
+            out = w.model.generate(**enc, max_new_tokens=10, do_sample=False, logits_processor=[proc], pad_token_id=0,
+                                   **kw)
+            proc.log_allowed_mass(torch.ones(1, out.shape[1] - 2))
+
+
 # --- UTF-8 script ban ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

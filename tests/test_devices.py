@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from refimpl import bestofn, checks, constraints, dpo, grpo, gvpo, idle, kl, klpg, lm, metrics, pools, qprobe
+from refimpl import bestofn, checks, constraints, dpo, frontier, grpo, gvpo, idle, kl, klest, klpg, lm, metrics, pools, qprobe
 from refimpl import resample, rft, rl, smc, tabular
 from refimpl.rl import RLConfig
 from refimpl.worlds import arith
@@ -54,6 +54,7 @@ def _cases():
     lp = torch.log_softmax(torch.randn(3, 4, dtype=torch.float64), -1)
     tok = torch.randn(2, 4, 3)  # [P, k, T]
     mask = torch.ones(2, 4, 3)
+    world = klest.sequence_world(vocab=2, length=2)
 
     def plain(fn, kwargs, name, other):
         return lambda w, a: (lambda: fn(**{**kwargs, name: meta(kwargs[name])}), name, other)
@@ -126,6 +127,25 @@ def _cases():
         ("smc.guided_law", lambda w, a: (lambda: smc.guided_law(lp, [meta(p) if i == 1 else p for i, p in enumerate(
             smc.soft_values(lp, r, 0.5, 2))], 2), "log_psi[1]", "logp")),
         ("arith.preference_label", plain(arith.preference_label, dict(score_a=f[0], score_b=f[1]), "score_b", "score_a")),
+        ("klest.kl_penalty", plain(klest.kl_penalty, dict(logp=lp, logp_ref=f, penalty="k2", logp_old=lp), "logp_old", "logp")),
+        ("klest.penalized_pg_loss", plain(klest.penalized_pg_loss, dict(logp_tok=tok, ref_tok=tok, mask=mask,
+                                                                        rewards=f[:2].float(), beta=0.1, estimator="k2_loss"),
+                                          "rewards", "logp_tok")),
+        ("klest.token_logp", plain(klest.token_logp, dict(world=world, logits=world.logp_ref), "logits", "world")),
+        ("klest.expected_gradient", plain(klest.expected_gradient, dict(world=world, logits=world.logp_ref, beta=0.5,
+                                                                        estimator="k2_loss"), "logits", "world")),
+        ("klest.fixed_point/world", lambda w, a: (lambda: klest.fixed_point(world._replace(reward=meta(world.reward)), 0.5),
+                                                  "world.reward", "world.logp_ref")),
+        ("frontier.reward_kl", plain(frontier.reward_kl, dict(path=torch.stack([lp, lp]), logp_ref=lp, reward=r),
+                                     "path", "logp_ref")),
+        ("frontier.reward_kl/list", lambda w, a: (lambda: frontier.reward_kl([lp, meta(lp)], lp, r), "path[1]", "logp_ref")),
+        ("frontier.frontier", plain(frontier.frontier, dict(logp_ref=lp, reward=r, betas=[0.5]), "reward", "logp_ref")),
+        ("frontier.frontier_kl", plain(frontier.frontier_kl, dict(logp_ref=lp, reward=r, target=torch.tensor([0.1])),
+                                       "target", "logp_ref")),
+        ("frontier.mirror_path", plain(frontier.mirror_path, dict(logp_ref=lp, reward=r, beta=0.5, step_beta=1.0, steps=2),
+                                       "reward", "logp_ref")),
+        ("frontier.expected_path", plain(frontier.expected_path, dict(logp_ref=lp, reward=r, beta=0.5, lr=1.0, steps=2),
+                                         "logp_ref", "reward")),
     ]
 
     # functions of a model and tensors: the tensors must be on the model's device
@@ -200,7 +220,7 @@ def test_tensors_on_two_devices_give_a_clear_error(build, exact_world, arith_mod
 def test_every_changed_module_is_covered():
     covered = {i.split(".")[0].split("/")[0] for i, _ in CASES}
     assert {"kl", "resample", "metrics", "qprobe", "gvpo", "grpo", "klpg", "tabular", "dpo", "bestofn", "smc",
-            "lm", "idle", "constraints", "pools", "rft", "rl", "arith", "exact"} <= covered
+            "lm", "idle", "constraints", "pools", "rft", "rl", "arith", "exact", "klest", "frontier"} <= covered
 
 
 # --- on a GPU ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from refimpl import grpo, gvpo, kl, rl, tabular
+from refimpl import frontier, grpo, gvpo, kl, rl, tabular
 from refimpl.rl import RLConfig
 
 
@@ -296,3 +296,93 @@ def test_rollout_batch_gvpo_old_is_dr_grpo_up_to_scale(arith_model):
         rl.rollout_batch(policy, ref, tok, prompts, targets, arith.reward, config={"k": 4})
     with pytest.raises(ValueError, match="prompts_per_step"):
         rl.rollout_batch(policy, ref, tok, prompts[:3], targets[:3], arith.reward, cfg)
+
+
+# --- GVPO-reference = KL-PG; reward-KL paths against the frontier ----------------------------------
+
+def test_gvpo_reference_is_beta_times_kl_pg_on_any_batch():
+    """Per batch, per token, any sampler: ∇ GVPO(reference anchor) = beta·∇ KL-PG (k1 in the reward, RLOO)."""
+    g = torch.Generator().manual_seed(5)
+    tok = torch.randn(3, 4, 2, dtype=torch.float64, generator=g).requires_grad_()
+    ref_tok, beh = torch.randn(3, 4, 2, dtype=torch.float64, generator=g), torch.randn(3, 4, 2, dtype=torch.float64)
+    b = rl.GroupBatch(tok, beh, beh, ref_tok, torch.ones_like(ref_tok), torch.rand(3, 4, dtype=torch.float64), 2)
+    for beta in (0.1, 0.7):
+        g_gvpo = torch.autograd.grad(rl.LOSSES["gvpo"].fn(b, RLConfig(beta=beta)), tok)[0]
+        g_pg = torch.autograd.grad(rl.LOSSES["kl_pg"].fn(b, RLConfig(loss="kl_pg", beta=beta)), tok)[0]
+        torch.testing.assert_close(g_gvpo, beta * g_pg, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "reference", "policy"])
+def test_kl_pg_is_gvpo_reference_at_beta_times_the_step(sampling):
+    logp_ref, reward = _small_world()
+    beta = 0.5
+    star = kl.optimal_policy(logp_ref, reward, beta)
+    a = tabular.train_tabular(logp_ref, reward, RLConfig(beta=beta, k=8, steps=600, lr=10.0), sampling=sampling)
+    b = tabular.train_tabular(logp_ref, reward, RLConfig(loss="kl_pg", beta=beta, k=8, steps=600, lr=10.0 * beta),
+                              sampling=sampling)
+    assert max((x - y).abs().max().item() for x, y in zip(a.history, b.history)) < 1e-10  # one trajectory
+    assert kl.kl_divergence(b.logp, star).max().item() < 1e-10  # pi*, from any full-support sampler
+    if sampling != "policy":  # without a baseline, off-policy KL-PG goes elsewhere
+        c = tabular.train_tabular(logp_ref, reward, RLConfig(loss="kl_pg", beta=beta, k=8, steps=600, lr=10.0 * beta,
+                                                             kl_baseline="none"), sampling=sampling)
+        assert kl.kl_divergence(c.logp, star).mean().item() > 0.05
+
+
+def test_mirror_steps_lie_on_the_frontier():
+    logp_ref, reward = _small_world()
+    for beta, step_beta in ((0.1, 1.0), (0.0, 0.5)):
+        m = frontier.mirror_path(logp_ref, reward, beta, step_beta, 30)
+        for t in (1, 7, 30):  # every iterate is pi* of beta' = 1/c_t
+            torch.testing.assert_close(m.logp[t], kl.optimal_policy(logp_ref, reward, 1 / m.inverse_beta[t].item()),
+                                       rtol=0, atol=1e-12)
+        pts = frontier.reward_kl(m.logp, logp_ref, reward)
+        torch.testing.assert_close(pts.kl, frontier.frontier_kl(logp_ref, reward, pts.reward), rtol=1e-9, atol=1e-12)
+        assert (pts.reward.diff() > 0).all()
+    torch.testing.assert_close(m.inverse_beta[:4], torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=torch.float64))  # t/beta_s
+    m = frontier.mirror_path(logp_ref, reward, 0.1, 1.0, 400)  # c_t - 1/beta shrinks by 1/1.1 per step
+    torch.testing.assert_close(m.logp[-1], kl.optimal_policy(logp_ref, reward, 0.1), rtol=0, atol=1e-9)  # c -> 1/beta
+    f = frontier.frontier(logp_ref, reward, [1.0, 0.1])
+    torch.testing.assert_close(frontier.frontier_kl(logp_ref, reward, f.reward), f.kl, rtol=1e-9, atol=1e-12)
+    base = frontier.reward_kl([logp_ref], logp_ref, reward).reward
+    assert frontier.frontier_kl(logp_ref, reward, base - 0.1).item() == 0.0
+
+
+def test_gradient_ascent_leaves_the_frontier():
+    """Noiseless gradient ascent on J_beta spends more KL than the frontier at the same reward; the expected
+    path is exact gradient ascent with step lr·beta, and the sampled path follows it."""
+    logp_ref, reward = _small_world()
+    beta, lr = 0.1, 5.0
+    run = frontier.expected_path(logp_ref, reward, beta, lr, 400)
+    t = logp_ref.clone().requires_grad_(True)
+    J = kl.regularized_objective(torch.log_softmax(t, -1), logp_ref, reward, beta).sum()
+    step = torch.log_softmax(logp_ref + lr * beta * torch.autograd.grad(J, t)[0], -1)
+    torch.testing.assert_close(run.history[0], step, rtol=0, atol=1e-14)
+    pts = frontier.reward_kl(run.history, logp_ref, reward)
+    ratio = pts.kl / frontier.frontier_kl(logp_ref, reward, pts.reward)
+    assert (ratio > 1 - 1e-9).all() and ratio.max().item() > 1.1
+    assert kl.kl_divergence(run.logp, kl.optimal_policy(logp_ref, reward, beta)).max().item() < 0.1
+    # GVPO-old with m exact inner steps: each period ends near a mirror step
+    m = frontier.expected_path(logp_ref, reward, 0.5, 10.0, 2 * 300, sampling="uniform", anchor="old", anchor_every=300)
+    one = kl.optimal_policy(logp_ref, reward, 0.5)
+    assert kl.kl_divergence(m.history[299], one).max().item() < 1e-8
+    with pytest.raises(ValueError, match="sampling"):
+        frontier.expected_path(logp_ref, reward, beta, lr, 2, sampling="mixture")
+    with pytest.raises(ValueError, match="path"):
+        frontier.reward_kl(torch.zeros(2, 3, 5, dtype=torch.float64), logp_ref, reward)
+    with pytest.raises(ValueError, match="betas"):
+        frontier.frontier(logp_ref, reward, [0.0])
+    with pytest.raises(ValueError, match="step_beta"):
+        frontier.mirror_path(logp_ref, reward, 0.1, 0.0, 3)
+
+
+def test_kl_pg_trains_off_policy_on_a_language_model(arith_model):
+    from refimpl import load_model
+    from refimpl.worlds import arith
+
+    ref, tok = arith_model
+    prompts, targets = arith.prompts("train")
+    policy, _ = load_model("refimpl/toy-arith", device="cpu")
+    cfg = RLConfig(loss="kl_pg", steps=2, k=2, prompts_per_step=4, minibatches=2, staleness=1, lr=1e-2,
+                   kl_estimator="k3_corrected_loss", kl_level="token", max_new_tokens=arith.MAX_NEW_TOKENS)
+    log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg)
+    assert log.grad_norm[0] == 0.0 and log.grad_norm[1] > 0  # step 0 has no stale rollout yet

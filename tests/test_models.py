@@ -47,6 +47,26 @@ def test_replication_models_are_six_seeds_of_one_recipe():
         assert (f / "README.md").read_text().startswith(f"# {name}\n")
 
 
+def test_verdict_fraction_models_are_the_base_recipe_at_each_share():
+    """VERDICT_FRACTION_MODELS: seeds 0 and 1 of the base recipe at each share f of corpus lines with a
+    verdict (f = 1: the task models, f = 0: the no-verdict models), shipped with cards; the share is the
+    only difference in the recipe, and the verdict the models learned is better read the more lines had it."""
+    assert sorted(models.VERDICT_FRACTION_MODELS) == [0.0, 0.1, 0.5, 1.0]
+    assert list(models.VERDICT_FRACTION_MODELS[1.0]) == models.TASK_MODELS[:2]
+    keys = ("layers", "width", "heads", "steps", "batch", "lr", "params")
+    infos = {f: [json.loads((models.shipped_dir() / n.split("/")[-1] / "refimpl_info.json").read_text()) for n in names]
+             for f, names in models.VERDICT_FRACTION_MODELS.items()}
+    for f, group in infos.items():
+        assert [i["seed"] for i in group] == [0, 1], f
+        for i in group:
+            assert {k: i[k] for k in keys} == {k: infos[1.0][0][k] for k in keys}, i["name"]
+            assert (i["kind"], i["verdicts"], i.get("verdict_fraction", 1.0)) == (("noverdict", False, 1.0) if f == 0 else
+                                                                                ("base", True, f)), i["name"]
+            assert 0.2 < i["quality"]["pass@1"] < 0.5, i["name"]  # the verdicts barely move what the model writes
+    auc = {f: min(i["quality"]["verdict_auc"] for i in group) for f, group in infos.items() if f > 0}
+    assert auc[0.1] < auc[0.5] <= auc[1.0] and auc[1.0] > 0.95, auc
+
+
 def test_toy_models_load_through_from_pretrained(arith_model):
     from transformers import PreTrainedTokenizerFast
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from refimpl import bestofn, dpo, grpo, kl, klpg, resample, rft, rl, tabular
+from refimpl import bestofn, dpo, grpo, gvpo, kl, klpg, preferences, resample, rft, rl, tabular
 from refimpl.rl import RLConfig
 
 D = torch.float64
@@ -261,6 +261,58 @@ def test_limited_coverage_leaves_uncovered_logits_at_their_start():
         torch.testing.assert_close(h, h[:1].expand_as(h), rtol=0, atol=1e-12)
 
 
+def _binary_world(P=4, N=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp_ref = torch.log_softmax(torch.randn(P, N, generator=g, dtype=D), -1)
+    reward = (torch.rand(P, N, generator=g, dtype=D) < 0.4).to(D)
+    reward[-1] = 1.0  # a prompt where every completion ties
+    return logp_ref, reward
+
+
+def test_hard_labels_drop_ties_and_agree_with_the_reward():
+    logp_ref, reward = _binary_world()
+    pairs = dpo.preference_pairs(logp_ref, reward, 5000, generator=torch.Generator().manual_seed(0), labels="hard")
+    rc, rr = reward.gather(1, pairs.chosen), reward.gather(1, pairs.rejected)
+    assert (rc[:-1] > rr[:-1]).all()  # no tied pair kept, every label agrees with the reward
+    assert (pairs.chosen[-1] == pairs.rejected[-1]).all()  # all tie: null pairs (no gradient)
+    W = dpo.preference_table(logp_ref, reward, labels="hard")
+    torch.testing.assert_close(W.sum((-2, -1)), torch.ones(4, dtype=D))
+    assert (dpo.pair_table(pairs, 8) - W).abs().max().item() < 0.03  # the sampled law is the table's
+    mu = logp_ref.exp()  # W ∝ mu(a) mu(b) on the untied, correctly ordered pairs
+    want = mu.unsqueeze(-1) * mu.unsqueeze(-2) * (reward.unsqueeze(-1) > reward.unsqueeze(-2))
+    torch.testing.assert_close(W[:-1], want[:-1] / want[:-1].sum((-2, -1), keepdim=True))
+    with pytest.raises(ValueError, match="label_temperature"):
+        dpo.preference_pairs(logp_ref, reward, 4, label_temperature=0.5, labels="hard")
+    with pytest.raises(ValueError, match="labels"):
+        preferences.preference_table(logp_ref, reward, labels="soft")
+    # DPO on hard labels has no finite optimum: the loss keeps falling and the reward gap keeps growing
+    run = dpo.train_dpo_tabular(logp_ref[:1], W[:1], 0.5, steps=400, lr=0.5, precondition=True)
+    assert run.loss[-1] < run.loss[-100] < run.loss[0]
+
+
+def test_bradley_terry_labels_on_binary_rewards_are_mostly_coin_flips():
+    """BT at T = 1 on 0/1 rewards: P(tie) = p² + (1-p)² >= ½ (each tie a coin flip), and sigma(-1) of the
+    informative pairs flipped; the sampled counts match within 5 binomial standard deviations."""
+    logp_ref, reward = _binary_world()
+    noise = dpo.label_noise(logp_ref, reward)
+    p = (logp_ref.exp() * reward).sum(-1)
+    torch.testing.assert_close(noise.tied, p**2 + (1 - p) ** 2)
+    assert (noise.tied >= 0.5).all()
+    torch.testing.assert_close(noise.flipped[:-1], torch.full((3,), torch.sigmoid(torch.tensor(-1.0, dtype=D)).item(),
+                                                               dtype=D))
+    assert noise.flipped[-1] == 0  # no informative pair
+    M = 20_000
+    pairs = dpo.preference_pairs(logp_ref, reward, M, generator=torch.Generator().manual_seed(1))
+    rc, rr = reward.gather(1, pairs.chosen), reward.gather(1, pairs.rejected)
+    tied = (rc == rr).sum(-1).to(D)
+    assert ((tied - M * noise.tied).abs() <= 5 * (M * noise.tied * (1 - noise.tied)).clamp_min(0).sqrt() + 1e-6).all()
+    informative = M - tied[:-1]
+    flipped = (rc < rr).sum(-1).to(D)[:-1]
+    q = noise.flipped[:-1]
+    assert ((flipped - informative * q).abs() <= 5 * (informative * q * (1 - q)).sqrt()).all()
+    assert (noise.tied + (1 - noise.tied) * noise.flipped > 0.5).all()  # at least half the labels are not r's
+
+
 # --- KL-regularised policy gradient -----------------------------------------------------------------
 
 def test_kl_estimators_expectations():
@@ -427,11 +479,55 @@ def test_kl_pg_entry_of_the_loss_table_is_kl_pg_loss_on_sequence_sums():
         RLConfig(loss="kl_pg", kl_estimator="k4")
     with pytest.raises(ValueError, match="kl_estimator"):
         RLConfig(loss="gvpo", kl_estimator="k3_loss")  # an option GVPO does not read
-    for off_policy in (dict(minibatches=2), dict(epochs=2), dict(staleness=1), dict(replay=1)):
-        with pytest.raises(ValueError, match="on-policy"):
-            RLConfig(loss="kl_pg", **off_policy)
-    with pytest.raises(ValueError, match="sampling='policy'"):
-        tabular.train_tabular(torch.zeros(2, 3), torch.zeros(2, 3), RLConfig(loss="kl_pg"), sampling="uniform")
+    for off_policy in (dict(minibatches=2, prompts_per_step=16), dict(epochs=2), dict(staleness=1), dict(replay=1)):
+        assert RLConfig(loss="kl_pg", **off_policy).loss == "kl_pg"  # off-policy data is accepted (see below)
+    run = tabular.train_tabular(torch.zeros(2, 3), torch.zeros(2, 3), RLConfig(loss="kl_pg", steps=2), sampling="uniform")
+    assert len(run.history) == 2
+
+
+def test_kl_pg_off_policy_fixed_point_needs_the_rloo_baseline():
+    """From any full-support sampler mu, E[grad] of k1-in-the-reward with RLOO is mu ⊙ (s - E_mu s): zero at
+    pi*; without a baseline it is mu ⊙ s - E_mu[s]·pi, which is not, so descent stops elsewhere."""
+    logp_ref, reward = _world()
+    beta = 0.5
+    star = kl.optimal_policy(logp_ref, reward, beta)
+    for sampler in (torch.zeros_like(logp_ref), logp_ref):  # uniform, and a stale snapshot (pi_ref)
+        g = lambda lp, base: klpg.expected_gradient(lp, logp_ref, reward, beta, "k1_reward", logp_sampler=sampler,
+                                                    baseline=base)  # noqa: E731
+        assert g(star, "rloo").abs().max().item() < 1e-15
+        assert g(star, "none").abs().max().item() > 1e-2
+        theta = logp_ref.clone()
+        for _ in range(3000):
+            theta = theta - 5.0 * g(theta, "none")
+        assert g(theta, "none").abs().max().item() < 1e-10  # a fixed point ...
+        assert kl.kl_divergence(torch.log_softmax(theta, -1), star).min().item() > 1e-2  # ... that is not pi*
+        s = reward - beta * (torch.log_softmax(theta, -1) - logp_ref)
+        mu, pi = sampler.softmax(-1), torch.log_softmax(theta, -1).exp()
+        torch.testing.assert_close(mu * s, (mu * s).sum(-1, keepdim=True) * pi)  # its condition (eq. off-none)
+    # on-policy the baseline changes nothing in expectation
+    theta = torch.randn(3, 6, dtype=D, generator=torch.Generator().manual_seed(1))
+    for est in klpg.ESTIMATORS:
+        torch.testing.assert_close(klpg.expected_gradient(theta, logp_ref, reward, beta, est, baseline="rloo"),
+                                   klpg.expected_gradient(theta, logp_ref, reward, beta, est), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="logp_sampler"):
+        klpg.expected_gradient(theta, logp_ref, reward, beta, "k1_reward", logp_sampler=torch.full_like(theta, -math.inf))
+
+
+def test_expected_off_policy_gradient_is_the_mean_over_all_groups():
+    """k = 2 groups enumerated exactly under mu⊗mu: the mean GVPO-reference gradient is beta times the
+    off-policy expected KL-PG (RLOO) gradient."""
+    logp_ref, reward = _world(N=5)
+    logp_ref, reward = logp_ref[0], reward[0]
+    g = torch.Generator().manual_seed(2)
+    theta, mu = torch.randn(5, generator=g, dtype=D), torch.softmax(torch.randn(5, generator=g, dtype=D), -1)
+    total = torch.zeros(5, dtype=D)
+    for i, j in itertools.product(range(5), repeat=2):
+        t = theta.clone().requires_grad_(True)
+        idx = torch.tensor([[i, j]])
+        loss = gvpo.gvpo_loss(torch.log_softmax(t, -1)[idx], logp_ref[idx], reward[idx], 0.3)
+        total += mu[i] * mu[j] * torch.autograd.grad(loss, t)[0]
+    exact = klpg.expected_gradient(theta, logp_ref, reward, 0.3, "k1_reward", logp_sampler=mu.log(), baseline="rloo")
+    torch.testing.assert_close(total, 0.3 * exact, rtol=0, atol=1e-15)
 
 
 def test_dpo_on_a_language_model_raises_the_margin_of_its_pairs(arith_model):

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refimpl import checks, grpo, gvpo, idle, kl, lm, metrics, qprobe, report, resample, rl
-from refimpl import bestofn, dpo, klpg, smc, tabular
+from refimpl import bestofn, constraints, dpo, frontier, klest, klpg, particles, smc, tabular, twist
+from refimpl.worlds import arith, writer
 from refimpl.rl import RLConfig
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -160,6 +161,8 @@ def _cases():
     r = torch.rand(3, 4, dtype=torch.float64)
     lp = torch.log_softmax(torch.randn(3, 4, dtype=torch.float64), -1)
     feats = torch.randn(2, 4, 5)
+    tok = torch.randn(3, 4, 3, dtype=torch.float64)  # [P, k, T] per-token log-probs
+    world = klest.sequence_world(vocab=2, length=2)
     return [
         (kl.optimal_policy, dict(logp_ref=lp, reward=r, beta=0.5)),
         (kl.log_partition, dict(logp_ref=lp, reward=r, beta=0.5)),
@@ -201,6 +204,53 @@ def _cases():
         (bestofn.rejection_law, dict(logp_ref=lp, reward=r, beta=0.5, r_max=1.0, n=3)),
         (smc.soft_values, dict(logp=lp, reward=r, beta=0.5, vocab_size=2)),
         (smc.guided_law, dict(logp=lp, log_psi=smc.soft_values(lp, r, 0.5, 2), vocab_size=2)),
+        # the second audit's additions (issue 28): every public function of the modules it covered
+        (resample.select, dict(scores=f, beta=0.5)),
+        (gvpo.gvpo_loss_terms, dict(logp=f, logp_anchor=f, rewards=r, beta=0.1, covariance=True)),
+        (grpo.grpo_loss, dict(logp_tok=tok, logp_old_tok=tok, mask=torch.ones_like(tok), rewards=r, clip_eps=0.2,
+                              kl_coef=0.1, logp_ref_tok=tok)),
+        (grpo.dr_grpo_loss, dict(logp_tok=tok, logp_old_tok=tok, mask=torch.ones_like(tok), rewards=r, max_tokens=3)),
+        (qprobe.ce_loss, dict(q=f, rewards=r)),
+        (qprobe.bt_loss, dict(q_chosen=f, q_rejected=r)),
+        (qprobe.hinge_loss, dict(q_chosen=f, q_rejected=r, margin=1.0)),
+        (metrics.bootstrap_ci, dict(x=[1.0, 2.0, 4.0], n_boot=20)),
+        (metrics.paired_diff, dict(a=[1.0, 2.0, 4.0], b=[0.0, 2.5, 3.0])),
+        (metrics.t_quantile, dict(level=0.9, dof=3)),
+        (lm.completion_logits, dict(logits=torch.randn(2, 5, 7), prompt_width=2)),
+        (lm.last_token_index, dict(prompt_width=2, completion_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))),
+        (arith.prompt_text, dict(problem=("+", 47, 85, 3))),
+        (arith.answer_text, dict(v=135)),
+        (arith.prompt_set, dict(split="shifted", n=3)),
+        (arith.WorldConfig, dict(operands=(2, 3), p_forget_long=0.9, held_out_mod=5)),
+        (arith.preference_label, dict(score_a=r[0], score_b=r[1])),
+        (writer.writer_law, dict(problem=("+", 47, 85), cfg=arith.WorldConfig())),
+        (writer.corpus, dict(n_lines=2, seed=0)),
+        # the third audit's additions (issue 28): constraints, particles, twist, the exact-world I-DLE
+        (constraints.violations, dict(constraint=constraints.BadWords([[1, 2]]), prompt_ids=torch.tensor([[0, 1]]),
+                                      completion_ids=torch.tensor([[2, 3]]), completion_mask=torch.tensor([[1, 1]]),
+                                      vocab_size=5, prompt_mask=torch.tensor([[1, 1]]))),
+        (particles.resample_index, dict(log_w=f)),
+        (particles.ancestors, dict(log_w=f, scheme="multinomial")),
+        (particles.resample_low_ess, dict(log_w=f.reshape(-1), B=3, k=4, ess_threshold=0.5, scheme="systematic")),
+        (idle.exact_token_level, dict(logp=torch.log_softmax(torch.randn(2, 8), -1), vocab_size=2, banned_ids=[1])),
+        (twist.exact_twist, dict(token_logp=-torch.rand(2, 3, 2), prompt_ids=torch.tensor([[0, 1], [1, 1]]),
+                                 completion_ids=torch.tensor([[0, 0], [0, 1], [1, 1]]))),
+        (klpg.kl_estimators, dict(logp=lp, logp_ref=f)),
+        # the fourth audit's additions (issue 28): the KL estimators' exact world, the reward-KL frontier
+        (klest.kl_penalty, dict(logp=lp, logp_ref=f, penalty="k3_corrected", logp_old=lp)),
+        (klest.penalized_pg_loss, dict(logp_tok=tok, ref_tok=tok, mask=torch.ones_like(tok), rewards=r, beta=0.1,
+                                       estimator="k3_loss", level="sequence", baseline="none", old_tok=tok)),
+        (klest.sequence_world, dict(vocab=2, length=2, seed=0, dtype=torch.float64, device="cpu")),
+        (klest.token_logp, dict(world=world, logits=world.logp_ref)),
+        (klest.fixed_point, dict(world=world, beta=0.5, kind="forward")),
+        (klest.expected_gradient, dict(world=world, logits=world.logp_ref, beta=0.5, estimator="k2_loss", level="token")),
+        (klest.ascent, dict(world=world, beta=0.5, estimator="k2_loss", level="token", lr=0.5, steps=2, per_prefix=True)),
+        (frontier.reward_kl, dict(path=[lp, lp], logp_ref=lp, reward=r)),
+        (frontier.frontier, dict(logp_ref=lp, reward=r, betas=[0.1, 1.0])),
+        (frontier.frontier_kl, dict(logp_ref=lp, reward=r, target=r.amax(-1).mean().item() / 2)),
+        (frontier.mirror_path, dict(logp_ref=lp, reward=r, beta=0.5, step_beta=1.0, steps=2)),
+        (frontier.expected_path, dict(logp_ref=lp, reward=r, beta=0.5, lr=1.0, steps=2, sampling="uniform", anchor="old",
+                                      anchor_every=1)),
     ]
 
 

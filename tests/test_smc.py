@@ -1,6 +1,6 @@
 """refimpl.smc: the law of the output against the exact answer, plain sampling as the unweighted case,
-the KV cache under resampling, resampling schemes, a twisted SMC with the exact twist, and long
-completions (SMC against one-shot importance resampling)."""
+the KV cache under resampling, resampling schemes, resampling before the draw, distinct particles,
+a twisted SMC with the exact twist, and long completions against the enumerated answer."""
 import pytest
 import torch
 
@@ -154,24 +154,70 @@ def test_twisted_smc_with_exact_twist_samples_the_optimum(exact_world):
         smc.smc(w.model, w.tokenizer, ["ab"], smc.TwistedStep(log_psi, w.prompt_batch()[0][:1]), k=2, max_new_tokens=3)
 
 
-def test_long_completions_smc_beats_one_shot_resampling(exact_world):
-    """12 tokens with 'a' and 'd' banned (P(allowed) ~ e^-7): 32 independent runs of k = 32
-    particles. One-shot importance resampling (ess_threshold=0) ends with a few effective particles;
-    SMC resamples and keeps many more, and estimates E[#b / 12 | allowed] with a smaller error."""
-    w, ban, L, x = exact_world, [1, 4], 12, "aa"
-    ref = smc.smc(w.model, w.tokenizer, [x], smc.ConstrainedStep(ban), k=8000, max_new_tokens=L, seed=123)
-    frac_a = lambda r: (r.samples.completion_ids == 2).float().mean(1).view(r.log_w.shape)  # noqa: E731 ('b')
-    f_ref = (torch.softmax(ref.log_w, -1) * frac_a(ref)).sum()
-    assert 0.02 < f_ref < 0.98  # away from the floor and the ceiling
-    out = {}
-    for thr in (0.0, 0.5):
-        r = smc.smc(w.model, w.tokenizer, [x] * 32, smc.ConstrainedStep(ban), k=32, max_new_tokens=L,
-                    ess_threshold=thr, seed=0)
-        est = (torch.softmax(r.log_w, -1) * frac_a(r)).sum(-1)  # [32] self-normalized estimates
-        out[thr] = (r.ess[:, -1].mean(), ((est - f_ref) ** 2).mean().sqrt(), r.n_resamples.float().mean())
-    (ess_is, rmse_is, n_is), (ess_smc, rmse_smc, n_smc) = out[0.0], out[0.5]
-    assert n_is == 0 and n_smc >= 1
-    assert ess_smc > 3 * ess_is and rmse_smc < rmse_is  # rmse ratio 0.6-0.86 over seeds and torch versions
+def test_adapted_resampling_before_the_draw(exact_world):
+    """adapted=True weights by Z_t before the draw: with (G)I-DLE's step (q ∝ γ) the draw adds
+    nothing, so after a resampling every weight is equal; the law and log Ẑ still converge."""
+    w, ban, k = exact_world, [4], 3000
+    logp = w.logp().detach()[:3]
+    allowed = ~torch.isin(w.completion_ids, torch.tensor(ban)).any(-1)
+    log_pa = torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), -1)  # [3]
+    pstar = (logp - log_pa[:, None]).exp() * allowed
+    r = smc.smc(w.model, w.tokenizer, w.prompts[:3], smc.ConstrainedStep(ban), k=k, max_new_tokens=3,
+                ess_threshold=1.0, adapted=True, seed=0)  # resample at every step, before the draw
+    assert (r.n_resamples == 3).all() and not r.samples.contains(ban).any()
+    assert (r.log_w.max(-1).values - r.log_w.min(-1).values).max() < 1e-4  # the draw moved no weight
+    assert (0.5 * (_law(w, r) - pstar).abs().sum(-1) < 0.05).all() and torch.allclose(r.log_z, log_pa, atol=0.05)
+    never = smc.smc(w.model, w.tokenizer, w.prompts[:3], smc.ConstrainedStep(ban), k=64, max_new_tokens=3,
+                    ess_threshold=0.0, adapted=True, seed=0)  # no resampling: one-shot importance weights
+    plain = smc.smc(w.model, w.tokenizer, w.prompts[:3], smc.ConstrainedStep(ban), k=64, max_new_tokens=3,
+                    ess_threshold=0.0, seed=0)
+    assert torch.equal(never.samples.completion_ids, plain.samples.completion_ids)
+    assert torch.allclose(never.log_w, plain.log_w, atol=1e-5)
+
+
+def test_distinct_particles_counted_per_step(exact_world):
+    """distinct[:, t] = the number of different prefixes y_<=t among a prompt's particles after
+    step t's resampling: without resampling, read off the final particles; at the end, always."""
+    w = exact_world
+    for thr in (0.0, 1.0):
+        r = smc.smc(w.model, w.tokenizer, w.prompts[:4], smc.ConstrainedStep([4]), k=40, max_new_tokens=3,
+                    ess_threshold=thr, resampling="multinomial", seed=1)
+        comp = r.samples.completion_ids.view(4, 40, 3)
+        for t in range(3) if thr == 0 else [2]:
+            assert r.distinct[:, t].tolist() == [len(torch.unique(c[:, :t + 1], dim=0)) for c in comp]
+        assert (r.distinct[:, 1:] >= r.distinct[:, :-1]).all() or thr > 0
+
+
+def test_long_completions_against_the_exact_answer(exact_world):
+    """10 tokens with <pad>, 'a' and 'd' banned: the allowed completions ({b, c}^10) are enumerated, so
+    E[#b / 10 | allowed] is known exactly. Self-normalized estimators are biased at k = 32: one-shot
+    importance resampling most, SMC less, resampling before the draw least; the twisted SMC with
+    the exact twist has every weight equal, and its estimates are unbiased."""
+    import itertools
+
+    from refimpl import twist
+
+    w, ban, L, x, R = exact_world, [0, 1, 4], 10, "bc", 24
+    A = torch.tensor(list(itertools.product([2, 3], repeat=L)))  # [1024, 10] every allowed completion
+    ids = w.tokenizer([x], return_tensors="pt")["input_ids"]
+    _, tok = lm.sequence_logprobs(w.model, ids.expand(len(A), -1), torch.ones(len(A), 2, dtype=torch.long), A,
+                                  torch.ones_like(A))
+    pi = torch.softmax(tok.double().sum(-1), -1)
+    truth = (pi * (A == 2).double().mean(1)).sum()
+    assert 0.1 < truth < 0.9 and pi.max() < 0.5  # not a point mass
+
+    def estimates(step, **kw):
+        r = smc.smc(w.model, w.tokenizer, [x] * R, step, k=32, max_new_tokens=L, seed=0, **kw)
+        f = (r.samples.completion_ids == 2).double().mean(1).view(R, 32)
+        return (torch.softmax(r.log_w.double(), -1) * f).sum(-1) - truth, r  # [R] errors
+
+    bias = {name: estimates(smc.ConstrainedStep(ban), **kw)[0].mean() for name, kw in
+            [("one-shot", dict(ess_threshold=0.0)), ("smc", {}), ("adapted", dict(adapted=True))]}
+    assert bias["one-shot"] > bias["smc"] > bias["adapted"] > 0 and bias["one-shot"] > 0.05
+    tw = twist.exact_twist(tok.view(1, len(A), L), ids, A)
+    err, r = estimates(twist.TwistedBanStep(ban, tw), adapted=True)
+    assert (r.log_w.max(-1).values - r.log_w.min(-1).values).max() < 1e-4 and (r.n_resamples == 0).all()
+    assert err.mean().abs() < 3 * err.std() / R ** 0.5 + 1e-3
 
 
 def test_bad_input(exact_world):
@@ -187,6 +233,8 @@ def test_bad_input(exact_world):
         smc.smc(w.model, w.tokenizer, ["ab"], step, resampling="stratified")
     with pytest.raises(TypeError, match="step"):
         smc.smc(w.model, w.tokenizer, ["ab"], object())
+    with pytest.raises(TypeError, match="adapted"):
+        smc.smc(w.model, w.tokenizer, ["ab"], step, adapted="yes")
     with pytest.raises(ValueError, match="context"):
         smc.smc(w.model, w.tokenizer, ["ab"], step, max_new_tokens=20)
     with pytest.raises(ValueError, match="temperature"):

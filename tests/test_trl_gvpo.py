@@ -1,6 +1,8 @@
 """GVPO through TRL's GRPOTrainer: the loss equals refimpl.gvpo.gvpo_loss on the same batch, the
-update does not depend on gradient accumulation, conflicting settings raise, tool tokens are
-masked, and a changed TRL private API fails loudly."""
+update does not depend on gradient accumulation, conflicting settings and unscored completions
+raise, tool tokens are masked, TRL's unused old-log-prob pass is skipped, the KL to the reference is
+logged with either anchor, the reference takes the policy's quantization, the authors' regime
+builds, and a changed TRL private API fails loudly. Two processes: test_trl_gvpo_multiprocess.py."""
 import copy
 import importlib
 import os
@@ -80,6 +82,9 @@ class _Recording(GVPOTrainer):
         centred = inputs["advantages"].view(-1, k).sum(1).abs().max().item()
         self.seen.append((loss.item() * accumulated, ours.item(), groups.shape[0],
                           bool((groups == groups[:, :1]).all()), centred))
+        with torch.no_grad():  # the KL to the reference, whatever the anchor
+            kl = (logp - lm.sequence_logprobs(self.reference, *args)[0].view(-1, k)).mean().item()
+        self.kl.append((self._metrics["train" if model.training else "eval"]["gvpo/kl_ref"][-1], kl))
         return loss
 
 
@@ -93,9 +98,9 @@ def test_trl_gvpo_loss_matches_refimpl(tmp_path, anchor, reduction):
                    gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-3, num_iterations=2,
                    gvpo_anchor=anchor, gvpo_reduction=reduction)
     trainer = _Recording(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok)
-    trainer.seen, trainer.passes = [], []
+    trainer.seen, trainer.passes, trainer.kl = [], [], []
     trainer.reference, trainer.generating_policy = initial, copy.deepcopy(initial)
-    assert trainer.gvpo_ref_model is None if anchor == "old" else trainer.gvpo_ref_model is not model
+    assert trainer.gvpo_ref_model is not None and trainer.gvpo_ref_model is not model  # gvpo_log_kl_ref's default
     trainer.train()
     assert len(trainer.seen) == 4
     for trl_loss_unscaled, ours, groups, whole_groups, centred in trainer.seen:
@@ -104,16 +109,21 @@ def test_trl_gvpo_loss_matches_refimpl(tmp_path, anchor, reduction):
         assert abs(trl_loss_unscaled - expected) <= 1e-5 * max(1.0, abs(expected))
     assert max(ours for _, ours, *_ in trainer.seen) > 0  # later micro-batches move away from the anchor
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    # one generation batch of 16: TRL's old-log-prob pass (and the reference pass) in chunks of 8, then 4 losses
-    anchor_passes = [(16, 8)] * (2 if anchor == "reference" else 1)
+    # one generation batch of 16: the reference pass and, for the "old" anchor only, TRL's old-log-prob pass, in
+    # chunks of 8, then 4 losses (the reference anchor does not need TRL's pass: it is skipped)
+    anchor_passes = [(16, 8)] * (2 if anchor == "old" else 1)
     assert trainer.passes == anchor_passes + [(8, None)] * 4
-    # evaluation: 4 prompts × 4 completions in micro-batches of 8, the loss not divided for accumulation
+    # evaluation: 4 prompts × 4 completions in micro-batches of 8, the loss not divided for accumulation; the anchor
+    # is the current policy, so TRL's old-log-prob pass is skipped for either anchor, the reference pass runs
     trainer.seen, trainer.passes = [], []
     trainer.evaluate(eval_dataset=data.select(range(4)))
     assert len(trainer.seen) == 2
-    assert trainer.passes == ([(8, 8)] * len(anchor_passes) + [(8, None)]) * 2  # TRL's old pass runs in eval too
+    assert trainer.passes == [(8, 8), (8, None)] * 2
     for trl_loss, ours, groups, whole_groups, centred in trainer.seen:
         assert whole_groups and abs(trl_loss - ours * (groups if reduction == "sum" else 1)) <= 1e-5 * max(1, ours)
+    assert len(trainer.kl) == 6 and max(abs(kl) for _, kl in trainer.kl) > 1e-4  # the policy moved from the reference
+    for logged, kl in trainer.kl:
+        assert abs(logged - kl) <= 1e-5 * max(1.0, abs(kl))
 
 
 def test_peft_reference_is_the_policy_without_adapters(tmp_path):
@@ -125,7 +135,7 @@ def test_peft_reference_is_the_policy_without_adapters(tmp_path):
                    gvpo_anchor="reference")
     trainer = _Recording(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok,
                          peft_config=peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
-    trainer.seen, trainer.passes, trainer.reference = [], [], initial
+    trainer.seen, trainer.passes, trainer.kl, trainer.reference = [], [], [], initial
     assert trainer.gvpo_ref_model is None  # no copy: the adapters are switched off for the anchor pass
     trainer.train()
     assert len(trainer.seen) == 3 and trainer.passes == [(8, 8), (8, None)] * 3
@@ -213,7 +223,10 @@ def test_config_validation(tmp_path):
            ({"num_generations_eval": 2}, "num_generations_eval"), ({"loss_type": "grpo"}, "loss_type"),
            ({"epsilon": 0.3}, "epsilon"), ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
            ({"entropy_coef": 0.01}, "entropy_coef"), ({"importance_sampling_level": "sequence"}, "importance"),
-           ({"vllm_importance_sampling_correction": True}, "vllm_importance_sampling_correction")]
+           ({"vllm_importance_sampling_correction": True}, "vllm_importance_sampling_correction"),
+           ({"mask_truncated_completions": True}, "mask_truncated_completions"),
+           ({"gvpo_anchor": "reference", "gvpo_log_kl_ref": False}, "gvpo_log_kl_ref"),
+           ({"gvpo_log_kl_ref": "yes"}, "gvpo_log_kl_ref")]
     for change, name in bad:
         with pytest.raises(ValueError, match=name):
             GVPOTrainerConfig(**{**ok, **change})
@@ -230,12 +243,85 @@ def test_eval_micro_batches_hold_whole_groups(tmp_path, monkeypatch):
         GVPOTrainerConfig(**ok, per_device_eval_batch_size=2)
 
 
-def test_ref_model_only_with_reference_anchor(tmp_path):
+def test_ref_model_only_where_a_reference_is_used(tmp_path):
     model, tok, data = _setup(n_prompts=4)
-    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1, gvpo_log_kl_ref=False)
     with pytest.raises(ValueError, match="ref_model"):
         GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok,
                     ref_model=copy.deepcopy(model))
+    assert GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data,
+                       processing_class=tok).gvpo_ref_model is None  # "old" anchor, no KL metric: no reference
+    ref = copy.deepcopy(model)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)  # the KL metric's
+    trainer = GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok,
+                          ref_model=ref)
+    assert trainer.gvpo_ref_model is ref
+
+
+def test_reference_takes_the_policys_quantization(tmp_path, monkeypatch):
+    model, tok, data = _setup(n_prompts=4)
+    loaded = []
+
+    def load(path, **kwargs):  # records how the reference is loaded (bitsandbytes needs a GPU)
+        loaded.append((path, kwargs))
+        return copy.deepcopy(model)
+
+    monkeypatch.setattr(trl_gvpo, "create_model_from_path", load)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1, gvpo_anchor="reference")
+    given, own = object(), object()
+    GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok,
+                quantization_config=given)  # TRL ignores it for a loaded policy, but it is the user's choice
+    model.config.quantization_config = own  # a policy loaded quantized carries its config
+    GVPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tok)
+    assert [path for path, _ in loaded] == [model.config._name_or_path] * 2
+    assert loaded[0][1]["quantization_config"] is given and loaded[1][1]["quantization_config"] is own
+
+
+def _none_for_one(completions, **kwargs):
+    return [None] + [0.5] * (len(completions) - 1)
+
+
+def _infinite(completions, **kwargs):
+    return [float("inf")] * len(completions)
+
+
+@pytest.mark.parametrize("funcs,match", [([_none_for_one], r"every reward function \(\['_none_for_one'\]\)"),
+                                         ([_spread_reward, _infinite], r"\['_infinite'\] returned ±inf")])
+def test_completion_without_a_finite_reward_raises(tmp_path, funcs, match):
+    model, tok, data = _setup(n_prompts=4)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    trainer = GVPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok)
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
+def test_none_from_one_of_several_reward_functions_is_allowed(tmp_path):
+    # TRL's meaning of None from one of several functions: it does not apply, the others' sum is the reward
+    model, tok, data = _setup(n_prompts=4)
+    args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    trainer = GVPOTrainer(model=model, reward_funcs=[_spread_reward, _none_for_one], args=args, train_dataset=data,
+                          processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_authors_config(tmp_path):
+    cfg = trl_gvpo.authors_config(str(tmp_path), use_cpu=True, max_completion_length=512)
+    assert isinstance(cfg, GVPOTrainerConfig) and cfg.max_completion_length == 512
+    assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.weight_decay) == (1e-6, "constant", 0.01)
+    assert cfg.max_grad_norm == 1.0
+    assert (cfg.num_generations, cfg.gvpo_beta, cfg.gvpo_anchor, cfg.gvpo_reduction) == (4, 0.1, "old", "sum")
+    # on 8 processes: 16 × 8 accumulated × 8 = 1024 completions (256 prompts) per step, 4 steps per rollout
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.steps_per_generation) == (16, 8, 32)
+    assert cfg.num_iterations == 1 and cfg.beta == 0.0 and cfg.scale_rewards == "none"
+    two = trl_gvpo.authors_config(str(tmp_path), num_processes=2, per_device_train_batch_size=8, use_cpu=True)
+    assert (two.gradient_accumulation_steps, two.steps_per_generation) == (64, 256)
+    with pytest.raises(ValueError, match="learning_rate"):
+        trl_gvpo.authors_config(str(tmp_path), learning_rate=1e-5)
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        trl_gvpo.authors_config(str(tmp_path), per_device_train_batch_size=12)
+    with pytest.raises(TypeError, match="num_processes"):
+        trl_gvpo.authors_config(str(tmp_path), num_processes=2.0)
 
 
 def test_changed_trl_api_fails_loudly(monkeypatch):

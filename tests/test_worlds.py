@@ -58,6 +58,31 @@ def test_writer_law_is_a_distribution_and_matches_the_corpus():
     assert abs(hits - expected) < 4 * (len(lines) * 0.25) ** 0.5  # binomial, 4 sd
 
 
+def test_verdict_fraction_thins_the_verdicts_and_nothing_else():
+    """WorldConfig.verdict_fraction f: a line keeps its verdict with probability f (binomial, 4 sd), drawn
+    from a stream of its own, so the problems and answers are the full corpus's; f = 1 (the default) is the
+    corpus every shipped model was trained on, bit for bit, and f = 0 the corpus without verdicts."""
+    import hashlib
+
+    full = writer.corpus(2000, seed=1000)  # toy-arith's corpus seed: its first lines, hashed before f existed
+    assert hashlib.sha256("\n".join(full).encode()).hexdigest()[:16] == "d314e9a2871b0de1"
+    strip = lambda lines: [line.replace(" ; Y <eos>", " ; <eos>").replace(" ; N <eos>", " ; <eos>") for line in lines]  # noqa: E731
+    assert writer.corpus(2000, seed=1000, cfg=arith.WorldConfig(verdict_fraction=1.0)) == full
+    none = writer.corpus(2000, seed=1000, cfg=arith.WorldConfig(verdict_fraction=0.0))
+    assert none == writer.corpus(2000, seed=1000, cfg=arith.WorldConfig(verdict=False)) == strip(full) != full
+    for f in (0.1, 0.5):
+        lines = writer.corpus(2000, seed=1000, cfg=arith.WorldConfig(verdict_fraction=f))
+        assert all(line in (a, b) for line, a, b in zip(lines, full, strip(full)))  # a verdict kept is the checker's
+        kept = sum(line != b for line, b in zip(lines, strip(full)))
+        assert abs(kept - 2000 * f) < 4 * (2000 * f * (1 - f)) ** 0.5, (f, kept)
+    rng = random.Random(0)  # corpus_line draws from the caller's rng
+    assert {writer.corpus_line(("+", 1, 2), rng, arith.WorldConfig(verdict_fraction=0.5)) for _ in range(50)} == {
+        "0 1 + 0 2 = 3 0 0 ; Y <eos>", "0 1 + 0 2 = 3 0 0 ; <eos>"}
+    for bad in (dict(verdict_fraction=1.5), dict(verdict_fraction=-0.1), dict(verdict=False, verdict_fraction=0.5)):
+        with pytest.raises(ValueError, match="verdict_fraction"):
+            arith.WorldConfig(**bad)
+
+
 def test_reward_and_hidden_score():
     r = arith.reward(["5 3 1 ;", "5 2 1 ;", "bad", "5 3 1"], [135, 135, 135, 135])
     assert r.tolist() == [1.0, 0.0, 0.0, 1.0]

@@ -17,7 +17,7 @@ Each is used two ways (the sampling is never differentiated; A is the RLOO advan
   ``use_kl_loss``; their token means divide both terms by T alike, a rescaling of the step).
 
 On-policy, the expected penalty gradients (derivations: E_pi[∇k1] = 0, E_pi[t∇t] = ∇KL,
-E_pi[(e^t - 1)∇t] = -sum_y pi_ref ∇log pi; Tang & Munos 2025, arXiv 2506.09477) are
+E_pi[(e^t - 1)∇t] = -sum_y pi_ref ∇log pi; Tang & Munos 2025, arXiv 2506.09477) are::
 
     k1 in the reward (token or sequence): ∇KL(pi||pi_ref), the sequence's reverse KL -> pi*;
     k1 as a loss: 0 (no regularisation at all);

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import checks, klest, klpg, lm
 from .losses import _LOSS_OPTIONS, LOSSES, GroupBatch, Loss  # noqa: F401 (re-exported)
 
-__all__ = ["GroupBatch", "RLConfig", "LOSSES", "TrainLog", "train", "rollout_batch"]
+__all__ = ["RLConfig", "TrainLog", "train", "rollout_batch"]  # GroupBatch, LOSSES: refimpl.losses (re-exported)
 
 
 @dataclass(frozen=True)

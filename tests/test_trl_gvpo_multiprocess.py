@@ -110,7 +110,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process_accumulating(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}  # not what an earlier test set
+    env = {**clean, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -121,13 +122,15 @@ def test_two_processes_equal_one_process_accumulating(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]  # a real two-process group
     for a, b in zip(ranks[0]["delta"], ranks[1]["delta"]):
         assert torch.equal(a, b)  # DDP keeps the replicas identical
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the two processes (OMP_NUM_THREADS=1): the same float sums, the same samples
-    try:
-        one, groups_one, accelerator = _train(tmp_path / "one", accumulation=2)
-    finally:
-        torch.set_num_threads(threads)
-    assert accelerator.num_processes == 1
+    # the reference, one process accumulating two micro-batches, also in a fresh process: no state left over
+    # from other tests (accelerate's process state is a singleton), the same threads and environment
+    (tmp_path / "one").mkdir()
+    single = subprocess.run([sys.executable, __file__, str(tmp_path / "one"), "2"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
+    single = torch.load(tmp_path / "one" / "rank0.pt")
+    assert single["world"] == 1
+    one, groups_one = single["delta"], single["groups"]
     # the same two groups, one per process, each whole (one prompt, its k completions)
     assert [len(r["groups"]) for r in ranks] == [1, 1]
     groups_two = [g for r in ranks for g in r["groups"]]
@@ -143,7 +146,7 @@ def test_two_processes_equal_one_process_accumulating(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
 
 
-if __name__ == "__main__":  # one process of the launch above
-    delta, groups, accelerator = _train(Path(sys.argv[1]) / "trainer", accumulation=1)
+if __name__ == "__main__":  # one process of a launch above: FOLDER [ACCUMULATION]
+    delta, groups, accelerator = _train(Path(sys.argv[1]) / "trainer", accumulation=int(sys.argv[2:3] and sys.argv[2] or 1))
     torch.save({"delta": delta, "groups": groups, "world": accelerator.num_processes},
                Path(sys.argv[1]) / f"rank{accelerator.process_index}.pt")

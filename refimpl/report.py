@@ -23,7 +23,7 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-from . import metrics
+from . import checks, metrics
 
 __all__ = ["Report", "results_dir", "reference_dir", "format_value", "format_decision"]
 
@@ -164,7 +164,7 @@ class Report:
 
     def claim(self, text: str, holds=None, *, interval: metrics.Interval | None = None, threshold: float | None = None,
               direction: str | None = None, margin: float | None = None, unit: str | None = None,
-              **numbers: Value) -> None:
+              expected: bool = True, **numbers: Value) -> None:
         """State a claim: a decision on an interval, or (``holds``) an exact identity.
 
         ``claim(text, interval=iv, threshold=t, direction=">")`` holds iff ``iv.low > t`` (``"<"``:
@@ -179,7 +179,11 @@ class Report:
         chapters not yet migrated); ``numbers`` are the quantities it compares. Passing both
         ``holds`` and ``interval`` is an error.
 
-        Raises ``AssertionError`` when the claim is false and results are not being recorded;
+        ``expected=False`` marks a claim fixed in advance that the reference run found false: a check
+        run (nbval) evaluates it and does not stop on it, whichever way it comes out, and the results
+        page lists it as it came out. Nothing else may use it: a claim is never adjusted to pass.
+
+        Raises ``AssertionError`` when the claim is false (and ``expected``) and results are not being recorded;
         otherwise appends it to :attr:`claims` (the runner reports the false ones). A claim whose numbers
         are not all finite is recorded as not holding. Returns nothing, so a claim on a notebook
         cell's last line leaves no output.
@@ -201,8 +205,9 @@ class Report:
         nums = {name: _check_value(name, v, lenient=self.recording) for name, v in numbers.items()}
         decided = {} if interval is None else self._decision(interval, threshold, direction, margin, unit)
         holds = (decided.pop("holds") if decided else bool(holds)) and all(_finite(v) for v in nums.values())
+        checks.boolean("expected", expected)
         if not self.recording:
-            if not holds:
+            if not holds and expected:
                 detail = ", ".join(([format_decision(decided)] if decided else [])
                                    + [f"{k} = {format_value(v)}" for k, v in nums.items()])
                 raise AssertionError(f"claim does not hold: {text}" + (f" ({detail})" if detail else ""))

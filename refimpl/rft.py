@@ -23,7 +23,8 @@ __all__ = ["finetune_on_successes", "finetune_dpo"]
 
 def finetune_on_successes(model, samples: lm.Samples, rewards: Tensor, epochs: int = 3, lr: float = 3e-4,
                           batch_size: int = 64, min_reward: float = 1.0, seed: int = 0,
-                          steps: int | None = None) -> list[float]:
+                          steps: int | None = None,
+                          callback: Callable[[int, torch.nn.Module], None] | None = None) -> list[float]:
     """Fine-tune ``model`` in place on the rows of ``samples`` with ``rewards >= min_reward``.
 
     Rows with an empty completion carry no token to learn from and are skipped. The model is left
@@ -38,6 +39,8 @@ def finetune_on_successes(model, samples: lm.Samples, rewards: Tensor, epochs: i
         seed: shuffling seed.
         steps: if given, exactly this many optimizer steps (passes over the kept rows, reshuffled,
             as many as needed; ``epochs`` is ignored): budgets matched across data sizes.
+        callback: ``callback(steps_done, model)`` after every optimizer step, with the model in eval
+            mode (to evaluate checkpoints, e.g. choose the number of steps on validation prompts).
 
     Returns:
         The mean per-token negative log-likelihood of each pass (empty if no row was kept).
@@ -54,6 +57,8 @@ def finetune_on_successes(model, samples: lm.Samples, rewards: Tensor, epochs: i
     batch_size = checks.integer("batch_size", batch_size, low=1)
     lr = checks.real("lr", lr, low=0.0, low_open=True)
     min_reward = checks.real("min_reward", min_reward)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     lm._check_inputs(model, samples.prompt_ids, samples.prompt_mask, samples.completion_ids, samples.completion_mask)
     device = samples.completion_ids.device
     keep_rows = (rewards.to(device) >= min_reward) & (samples.completion_mask.sum(1) > 0)
@@ -84,6 +89,10 @@ def finetune_on_successes(model, samples: lm.Samples, rewards: Tensor, epochs: i
             loss.backward()
             opt.step()
             total, n_tok = total + loss.detach() * n, n_tok + n
+            if callback is not None:
+                model.eval()
+                callback(done, model)
+                model.train()
         curve.append(total / n_tok)
     model.eval()
     return torch.stack(curve).tolist()

@@ -431,3 +431,22 @@ def test_finetune_runs_exactly_the_requested_steps(exact_world):
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="steps"):
         rft.finetune_on_successes(model, s, torch.ones(16), steps=0)
+
+
+def test_finetune_callback_sees_every_checkpoint_in_eval_mode_and_changes_nothing(exact_world):
+    """callback(step, model) after every optimizer step, model in eval mode; the result is the same without it."""
+    import copy
+
+    from refimpl import rft
+
+    s = lm.sample(exact_world.model, exact_world.tokenizer, exact_world.prompts[:4], k=4, max_new_tokens=3, seed=0)
+    plain, watched = copy.deepcopy(exact_world.model), copy.deepcopy(exact_world.model)
+    rft.finetune_on_successes(plain, s, torch.ones(16), batch_size=3, steps=7)
+    seen = []
+    rft.finetune_on_successes(watched, s, torch.ones(16), batch_size=3, steps=7,
+                              callback=lambda step, m: seen.append((step, m.training, m.transformer.wte.weight.sum().item())))
+    assert [st for st, _, _ in seen] == list(range(1, 8)) and not any(tr for _, tr, _ in seen)
+    assert len({w for _, _, w in seen}) == 7  # a different model at every step
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), watched.parameters()))
+    with pytest.raises(TypeError, match="callback"):
+        rft.finetune_on_successes(watched, s, torch.ones(16), steps=1, callback=3)

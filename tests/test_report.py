@@ -23,6 +23,23 @@ def test_claims_raise_like_asserts_when_not_recording(monkeypatch):
         rep.claim("two is small", 2.0 < 1, two=2.0)
 
 
+def test_a_claim_expected_to_fail_is_evaluated_without_stopping_a_check_run(monkeypatch, tmp_path):
+    monkeypatch.delenv("REFIMPL_RESULTS", raising=False)
+    rep = report.Report("ch")
+    iv = Interval(0.03, 0.05, 0.025, 0.95, "base model")
+    rep.claim("fixed in advance, false at the reference", interval=iv, threshold=0.0, direction="<", expected=False)
+    rep.claim("and one that holds on this machine", interval=iv, threshold=-1.0, direction=">", expected=False)
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        rep.claim("without the mark it stops", interval=iv, threshold=0.0, direction="<")
+    with pytest.raises(TypeError, match="expected"):
+        rep.claim("x", True, expected="no")
+    monkeypatch.setenv("REFIMPL_RESULTS", str(tmp_path))
+    rep = report.Report("02_x")
+    rep.claim("recorded as it came out", interval=iv, threshold=0.0, direction="<", expected=False)
+    doc = json.loads((tmp_path / "02_x.json").read_text())
+    assert [c["holds"] for c in doc["claims"]] == [False]
+
+
 def test_recording_writes_every_number_and_claim(monkeypatch, tmp_path):
     monkeypatch.setenv("REFIMPL_RESULTS", str(tmp_path))
     rep = report.Report("02_x")

@@ -37,13 +37,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402
 from timing import sync, time_once  # noqa: E402
 
-from refimpl import config, lm, load_model, rl  # noqa: E402
+from refimpl import config, lm, rl  # noqa: E402
 from refimpl.worlds import arith  # noqa: E402
 
 CONTENDERS = ("refimpl", "trl-grpo", "trl-gvpo")
-MODEL = "refimpl/toy-arith"
+
+
+def _task(args):
+    """(prompts, targets, reward(texts, targets) -> [n] tensor, new tokens) of ``args.shape``: the
+    arithmetic task on ``toy``; on a random-weight shape, random prompts and a cheap stand-in reward
+    (the share of even token ids in the completion), with completions of ``--new-tokens`` tokens."""
+    if args.shape == "toy":
+        prompts, targets = arith.prompts("train")
+        return prompts[: args.prompts], targets[: args.prompts], arith.reward, arith.MAX_NEW_TOKENS
+    tok = shapes.tokenizer(shapes.config(args.shape).vocab_size)
+
+    def even_share(texts, targets):
+        return torch.tensor([sum(int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts])
+
+    return shapes.prompts(tok, args.prompts), [0] * args.prompts, even_share, args.new_tokens
 
 
 def _rss_bytes() -> int:
@@ -77,11 +92,12 @@ def _step_times(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])][1:]
 
 
-def run_refimpl(device: torch.device, prompts, targets, P: int, k: int, repeats: int) -> dict:
-    policy, tok = load_model(MODEL, device=device)
+def run_refimpl(device: torch.device, shape: str, task, P: int, k: int, repeats: int) -> dict:
+    prompts, targets, reward, new_tokens = task
+    policy, tok = shapes.load(shape, device)
     mem = _Memory(device)
-    ref, _ = load_model(MODEL, device=device)
-    cfg = rl.RLConfig(k=k, prompts_per_step=P, steps=repeats + 1, lr=1e-6, max_new_tokens=arith.MAX_NEW_TOKENS)
+    ref, _ = shapes.load(shape, device)
+    cfg = rl.RLConfig(k=k, prompts_per_step=P, steps=repeats + 1, lr=1e-6, max_new_tokens=new_tokens)
     stamps: list[float] = []
 
     def stamp(*_):
@@ -89,20 +105,21 @@ def run_refimpl(device: torch.device, prompts, targets, P: int, k: int, repeats:
         stamps.append(time.perf_counter())
 
     stamp()
-    log = rl.train(policy, ref, tok, prompts, targets, arith.reward, cfg, callback=stamp)
+    log = rl.train(policy, ref, tok, prompts, targets, reward, cfg, callback=stamp)
     peak = mem.peak_growth()
-    sample = lambda: lm.sample(policy, tok, prompts, k=k, max_new_tokens=arith.MAX_NEW_TOKENS, seed=0)  # noqa: E731
+    sample = lambda: lm.sample(policy, tok, prompts, k=k, max_new_tokens=new_tokens, seed=0)  # noqa: E731
     sample()
     t_sample = statistics.median(time_once(sample, device) for _ in range(repeats))
     return dict(steps_s=_step_times(stamps), peak_bytes=peak, sample_s=t_sample, length=statistics.mean(log.length))
 
 
-def run_trl(device: torch.device, prompts, targets, P: int, k: int, repeats: int, gvpo: bool) -> dict:
+def run_trl(device: torch.device, shape: str, task, P: int, k: int, repeats: int, gvpo: bool) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    policy, tok = load_model(MODEL, device=device)
+    prompts, targets, reward, new_tokens = task
+    policy, tok = shapes.load(shape, device)
     mem = _Memory(device)
     data = Dataset.from_dict({"prompt": list(prompts) * (repeats + 1), "target": list(targets) * (repeats + 1)})
     stamps: list[float] = []
@@ -122,9 +139,9 @@ def run_trl(device: torch.device, prompts, targets, P: int, k: int, repeats: int
                 lengths.append(float(logs["completions/mean_length"]))
 
     def reward_fn(prompts, completions, target, **kw):
-        return arith.reward(completions, target).tolist()
+        return reward(completions, target).tolist()
 
-    common = dict(per_device_train_batch_size=P * k, num_generations=k, max_completion_length=arith.MAX_NEW_TOKENS,
+    common = dict(per_device_train_batch_size=P * k, num_generations=k, max_completion_length=new_tokens,
                   max_steps=repeats + 1, learning_rate=1e-6, report_to="none", use_cpu=device.type == "cpu",
                   save_strategy="no", logging_steps=1, bf16=False, temperature=1.0, gradient_checkpointing=False,
                   disable_tqdm=True)
@@ -151,18 +168,19 @@ def _child(args) -> None:
         torch.set_num_threads(args.threads)
     config.quiet()
     device = torch.device(args.device) if args.device else config.device()
-    prompts, targets = arith.prompts("train")
-    prompts, targets = prompts[: args.prompts], targets[: args.prompts]
+    task = _task(args)
     if args.only == "refimpl":
-        out = run_refimpl(device, prompts, targets, args.prompts, args.k, args.repeats)
+        out = run_refimpl(device, args.shape, task, args.prompts, args.k, args.repeats)
     else:
-        out = run_trl(device, prompts, targets, args.prompts, args.k, args.repeats, gvpo=args.only == "trl-gvpo")
+        out = run_trl(device, args.shape, task, args.prompts, args.k, args.repeats, gvpo=args.only == "trl-gvpo")
     print("RESULT " + json.dumps(out | dict(threads=torch.get_num_threads(), device=str(device))), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
+    parser.add_argument("--shape", default="toy", choices=shapes.SHAPES)
+    parser.add_argument("--new-tokens", type=int, default=128, help="completion length (random-weight shapes)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (after one warm-up step)")
@@ -181,8 +199,8 @@ def main() -> None:
     for _ in range(args.rounds):  # contenders in turn, so that a slow spell of the machine hits all of them
         for name in contenders:
             cmd = [sys.executable, __file__, "--only", name, "--prompts", str(args.prompts), "--k", str(args.k),
-                   "--repeats", str(args.repeats)] + (["--device", args.device] if args.device else []) + (
-                   ["--threads", str(args.threads)] if args.threads else [])
+                   "--repeats", str(args.repeats), "--shape", args.shape, "--new-tokens", str(args.new_tokens)]
+            cmd += (["--device", args.device] if args.device else []) + (["--threads", str(args.threads)] if args.threads else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
             if out.returncode or not line:
@@ -196,14 +214,20 @@ def main() -> None:
         sys.exit(1)
     base = results["refimpl"]
     n = args.prompts * args.k
-    print(f"device {base['device']} ({base['threads']} CPU threads), {args.prompts} prompts x k={args.k} = {n} "
+    print(f"shape {args.shape}; device {base['device']} ({base['threads']} CPU threads), {args.prompts} prompts x k={args.k} = {n} "
           f"completions per step, mean completion length {base['length']:.1f} tokens; {trl_note}; "
           f"medians of {args.rounds} rounds x {args.repeats} steps (each after a warm-up step), each contender in its "
           "own process, in turn")
-    print(f"{'contender':10s} {'step (ms)':>10s} {'samples/s':>10s} {'peak memory (MiB)':>18s} {'time / refimpl':>15s}")
+    # the ratio to refimpl per round (each round's median step), so its range shows the rounds' spread
+    per_round = {name: [statistics.median(x["steps_s"]) / statistics.median(b["steps_s"])
+                        for x, b in zip(r, runs["refimpl"])] for name, r in runs.items() if r}
+    print(f"{'contender':10s} {'step (ms): median [range]':>30s} {'peak memory (MiB)':>18s} "
+          f"{'time / refimpl: median [range over rounds]':>44s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['step_s'] * 1e3:10.1f} {n / r['step_s']:10.0f} {r['peak_bytes'] / 2**20:18.1f} "
-              f"{r['step_s'] / base['step_s']:15.2f}")
+        steps = [t * 1e3 for x in runs[name] for t in x["steps_s"]]
+        ratios = per_round[name]
+        print(f"{name:10s} {r['step_s'] * 1e3:10.1f} [{min(steps):7.1f}, {max(steps):7.1f}] "
+              f"{r['peak_bytes'] / 2**20:18.1f} {r['step_s'] / base['step_s']:24.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")
     print(f"sampling alone (anchor, refimpl process): {base['sample_s'] * 1e3:.1f} ms; "
           f"refimpl step / sampling: {base['step_s'] / base['sample_s']:.2f}")
 

@@ -44,3 +44,35 @@ def memory_bandwidth(device: torch.device, n_bytes: int = 256 * 2**20) -> float:
     y = torch.empty_like(x)
     t = median_time(lambda: y.copy_(x), device, repeats=5)
     return 2 * n_bytes / t
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each ``fns[name]()`` over ``repeats`` rounds, the contenders in turn within a
+    round (so that a slow spell of a shared machine hits all of them), after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
+    return times
+
+
+def spread(times: list[float], scale: float = 1.0) -> str:
+    """``median [min, max]`` of ``times`` multiplied by ``scale``."""
+    v = sorted(t * scale for t in times)
+    return f"{statistics.median(v):.4g} [{v[0]:.4g}, {v[-1]:.4g}]"
+
+
+def ratio_spread(num: list[float], den: list[float]) -> str:
+    """Median and range of the per-round ratios ``num[i] / den[i]`` (paired: measured in the same round)."""
+    return spread([a / b for a, b in zip(num, den)])
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """Measured throughput (FLOP/s) of an n x n matmul in ``dtype`` on ``device``: the compute bound."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / median_time(lambda: a @ b, device, repeats=5)

@@ -52,16 +52,38 @@ def _banned_mask(banned_ids: tuple[int, ...], vocab_size: int, device) -> Tensor
     return mask.to(device)
 
 
-def _renormalize(logits: Tensor, banned: Tensor) -> Tensor:
-    """log Q = log_softmax over allowed tokens, -inf on banned ones; float32."""
-    masked = logits.float().masked_fill(banned, float("-inf"))  # [..., V]
+def _renormalize(logits: Tensor, banned: Tensor, banned_index: Tensor | None = None) -> Tensor:
+    """log Q = log_softmax over allowed tokens, -inf on banned ones; float32.
+
+    ``banned_index`` (the ids of a fixed [V] mask ``banned``) writes -inf into those columns only,
+    one copy of the row and no pass over a mask: cheaper than ``masked_fill`` at a large vocabulary.
+    """
+    if banned_index is not None:
+        masked = logits.float().index_fill(-1, banned_index, float("-inf"))  # [..., V]
+    else:
+        masked = logits.float().masked_fill(banned, float("-inf"))
     return torch.log_softmax(masked, dim=-1)  # = log P - log Z_t on allowed tokens
 
 
 def _no_allowed_row(out: Tensor) -> None:  # raises
-    if bool((~torch.isfinite(out)).all(-1).any()):  # all -inf, or NaN from log_softmax of all -inf
+    # a row of log-probabilities has a finite maximum (<= 0) unless it is all -inf, or NaN (log_softmax of
+    # an all -inf row, or of a NaN or +inf score): one reduction, no [rows, V] temporary
+    if bool((~torch.isfinite(out.amax(-1))).any()):
         raise ValueError("a row of scores has no finite allowed token: the ban leaves nothing to sample "
                          "(was the row truncated by an earlier processor?)")
+
+
+def _log_allowed_share(s: Tensor, banned: Tensor, banned_index: Tensor | None = None) -> Tensor:
+    r"""log Z_t = log sum_{j not in B} softmax(s)_j = -softplus(lse_B - lse_allowed), [rows].
+
+    Stable at any Z_t (a banned set holding nearly all the mass included), and with a fixed banned
+    set (``banned_index``) the banned log-sum-exp reads only those |B| columns: one pass over the row.
+    """
+    if banned_index is not None:
+        allowed, excluded = s.index_fill(-1, banned_index, float("-inf")), s.index_select(-1, banned_index)
+    else:
+        allowed, excluded = s.masked_fill(banned, float("-inf")), s.masked_fill(~banned, float("-inf"))
+    return -torch.nn.functional.softplus(torch.logsumexp(excluded, -1) - torch.logsumexp(allowed, -1))
 
 
 def exclude_and_renormalize(logits: Tensor, banned_ids) -> Tensor:
@@ -113,6 +135,7 @@ class IDLELogitsProcessor(LogitsProcessor):
                                   checks.real("track_temperature", track_temperature, low=0.0, low_open=True))
         self._tracker = None if fixed and track_temperature is None else tracking.Tracker(self.constraint)
         self._masks: dict[tuple, Tensor] = {}
+        self._indices: dict[tuple, Tensor] = {}  # the ids of each fixed mask, on its device
         self._segments: list[list[Tensor]] = []  # one list of [rows] log Z_t per generate call
 
     def reset(self) -> None:
@@ -128,14 +151,17 @@ class IDLELogitsProcessor(LogitsProcessor):
             return self._tracker.banned(input_ids, vocab_size, device)
         key = (torch.device(device), vocab_size)
         if key not in self._masks:
-            self._masks[key] = _banned_mask(self.banned_ids, vocab_size, device)
+            mask = _banned_mask(self.banned_ids, vocab_size, device)
+            self._masks[key] = mask
+            self._indices[key] = mask.nonzero().squeeze(1)  # once per device and vocabulary: no sync per step
         return self._masks[key]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.banned_ids is not None and self._tracker is not None:
             self._tracker.update(input_ids)  # only to tell a new generate call from the next step
         banned = self.banned(input_ids, scores.shape[-1], scores.device)
-        out = _renormalize(scores, banned)
+        index = self._indices.get((scores.device, scores.shape[-1])) if self.banned_ids is not None else None
+        out = _renormalize(scores, banned, index)
         dead = None if self.banned_ids is not None else self.constraint.dead(self._tracker.state).to(out.device)
         if dead is not None:  # a drafted prefix that already took a banned token: nothing is allowed
             out = out.masked_fill(dead[:, None], float("-inf"))
@@ -149,9 +175,8 @@ class IDLELogitsProcessor(LogitsProcessor):
                                  "If these are new prompts that extend an earlier output, call reset() first")
             if self._tracker.kind == "new":  # a new generate call
                 self._segments.append([])
-            s = scores.float() / self.track_temperature
-            self._segments[-1].append(torch.logsumexp(s.masked_fill(banned, float("-inf")), -1)
-                                      - torch.logsumexp(s, -1))  # [rows] log Z_t
+            s = scores.float() if self.track_temperature == 1.0 else scores.float() / self.track_temperature
+            self._segments[-1].append(_log_allowed_share(s, banned, index))  # [rows] log Z_t
         return out.to(scores.dtype)
 
     def log_allowed_mass(self, completion_mask: Tensor) -> Tensor:

@@ -3,7 +3,8 @@ r"""What every chapter needs from a Hugging Face causal LM, for any architecture
 * :func:`sequence_logprobs` -- log pi(y|x) of completions, summed and per token.
 * :func:`sample` -- k completions per prompt (KV cache, temperature / top-k / top-p, logits
   processors, seeded) with their token ids, masks and texts, as :class:`Samples` (both live in
-  :mod:`refimpl.sampling` and are re-exported here).
+  :mod:`refimpl.sampling` and are re-exported here); with ``features_layer=L`` also phi(x, y) as
+  ``embed(..., layer=L, before_last=True)`` gives it, read while decoding (no second pass).
 * :func:`embed` -- the hidden state phi(x, y) of the last completion token at a chosen layer.
 
 Conventions (those of ``model.generate``): prompts are left-padded ``[B, P]`` with an attention
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from ._hidden import final_norm, n_layers
 from .sampling import Samples, _context_length, completion_mask, padding_side, sample  # noqa: F401 (re-exported)
 
 __all__ = ["Samples", "left_align", "forward", "sequence_logprobs", "sample", "embed", "embed_layers", "completion_mask",
@@ -145,14 +147,27 @@ def forward(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
     return _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kw)
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs, also under PEFT)."""
+    import inspect
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
     """:func:`sequence_logprobs` without input checks."""
-    P = prompt_ids.shape[1]
-    logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
-    logits = logits[:, P - 1 : -1, :].float()  # [B, T, V]: row t predicts completion token t
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    if _keeps_logits(model):  # the output layer runs on the T predicting positions only: at a large
+        # vocabulary most of the pass's FLOPs, and its largest tensor (no [B, P+T, V] logits, no slice of them)
+        keep = torch.arange(P - 1, P + T - 1, device=completion_ids.device)
+        logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, logits_to_keep=keep).logits
+    else:
+        logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits[:, P - 1 : -1, :]
+    logits = logits.float()  # [B, T, V]: row t predicts completion token t
     if temperature != 1.0:  # the maximum shifted to 0 first: logits / 1e-40 would overflow (inf - inf = NaN)
-        logits = logits - logits.amax(-1, keepdim=True).detach()
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, T, V]
+        logits = (logits - logits.amax(-1, keepdim=True).detach()) / temperature
+    logp = torch.log_softmax(logits, dim=-1)  # [B, T, V]
     per_token = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
     pad = completion_mask == 0
     per_token = per_token.masked_fill(pad & torch.isneginf(per_token), 0.0)  # -inf · 0 would be NaN on padding
@@ -211,8 +226,8 @@ def embed(
     _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     batch_size = checks.integer("batch_size", batch_size, low=1)
     before_last = checks.boolean("before_last", before_last)
-    n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
-    layer = checks.integer("layer", layer, low=-(n_layers + 1), high=n_layers)
+    L = n_layers(model)
+    layer = checks.integer("layer", layer, low=-(L + 1), high=L)
     P = prompt_ids.shape[1]
     out = []
     for s in range(0, completion_ids.shape[0], batch_size):
@@ -222,12 +237,6 @@ def embed(
         last = _last_token_index(P, completion_mask[sl], before_last)  # [b]
         out.append(h[torch.arange(h.shape[0], device=h.device), last].float())
     return torch.cat(out)
-
-
-def _final_norm(model):
-    """The norm applied after the last block (GPT-2 ``ln_f``, Llama/Qwen2 ``norm``), or None."""
-    base = getattr(model, "base_model", model)
-    return next((m for m in (getattr(base, "ln_f", None), getattr(base, "norm", None)) if m is not None), None)
 
 
 @torch.no_grad()
@@ -244,7 +253,7 @@ def embed_layers(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids:
     _check_inputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     batch_size = checks.integer("batch_size", batch_size, low=1)
     before_last = None if before_last is None else checks.boolean("before_last", before_last)
-    norm = _final_norm(model)
+    norm = final_norm(model)
     if norm is None:
         raise ValueError(f"{type(model).__name__}: no final norm (ln_f / norm) found to read the stream before it")
     P, out, seen = prompt_ids.shape[1], [], []

@@ -2,7 +2,8 @@ r"""Sampling k completions per prompt from any causal LM, and the layout that ca
 
 :func:`sample` wraps ``model.generate`` (KV cache, temperature / top-k / top-p, logits processors,
 seeded) and returns :class:`Samples`: B·k rows, prompt-major, with prompts left-padded and
-completions right-padded, each with a 0/1 mask (the stop token counts as a real completion token).
+completions right-padded, each with a 0/1 mask (the stop token counts as a real completion token),
+and on request the Q-probe features phi(x, y) read during decoding (no second forward pass).
 :mod:`refimpl.lm` re-exports these names (``lm.sample``, ``lm.Samples``) next to the forward passes.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from ._hidden import DecodeFeatures, n_layers
 
 __all__ = ["Samples", "sample", "completion_mask", "padding_side", "TINY_TEMPERATURE"]
 
@@ -34,11 +36,15 @@ class Samples:
     texts: list[str]  # B*k decoded completions (stop token and padding removed)
     prompt_index: Tensor  # [B*k] index of the prompt each row answers
     k: int  # completions per prompt
+    features: Tensor | None = None  # [B*k, d] float32 phi(x, y) read while sampling (sample(features_layer=...))
 
     def __post_init__(self):
         """Shapes, kinds and devices only (no value is read): B·k rows everywhere, k dividing them."""
         checks.same_device(completion_ids=self.completion_ids, completion_mask=self.completion_mask,
-                           prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, prompt_index=self.prompt_index)
+                           prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, prompt_index=self.prompt_index,
+                           features=self.features)
+        if self.features is not None:
+            checks.tensor("features", self.features, dims=2, floating=True)
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
             checks.tensor(name, getattr(self, name), dims=2, integral=True)
         checks.same_shape(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask)
@@ -47,7 +53,7 @@ class Samples:
         checks.tensor("prompt_index", self.prompt_index, dims=1, integral=True)
         texts = checks.strings("texts", self.texts, allow_empty=True)
         for name, n in (("prompt_ids", self.prompt_ids.shape[0]), ("prompt_index", len(self.prompt_index)),
-                        ("texts", len(texts))):
+                        ("texts", len(texts)), ("features", rows if self.features is None else len(self.features))):
             if n != rows:
                 raise ValueError(f"{name} has {n} rows but completion_ids has {rows}")
         if checks.integer("k", self.k, low=1) and rows % self.k:
@@ -77,7 +83,8 @@ class Samples:
             raise ValueError(f"k={k} does not divide the {len(index)} selected rows")
         return replace(self, prompt_ids=self.prompt_ids[index], prompt_mask=self.prompt_mask[index],
                        completion_ids=self.completion_ids[index], completion_mask=self.completion_mask[index],
-                       texts=[self.texts[i] for i in index.tolist()], prompt_index=self.prompt_index[index], k=k)
+                       texts=[self.texts[i] for i in index.tolist()], prompt_index=self.prompt_index[index], k=k,
+                       features=None if self.features is None else self.features[index])
 
     def prompts(self, which: Tensor | Sequence[int]) -> "Samples":
         """All k samples of the prompts ``which`` (positions 0..B-1, or a boolean mask over them), in that order."""
@@ -212,6 +219,7 @@ def sample(
     logits_processor=None,
     seed: int | None = 0,
     batch_size: int = 512,
+    features_layer: int | None = None,
 ) -> Samples:
     r"""Draw k completions for each prompt with ``model.generate`` (KV cache on).
 
@@ -228,6 +236,12 @@ def sample(
         logits_processor: a ``LogitsProcessorList`` (or list) passed to ``generate``; it runs
             before temperature, top-k and top-p.
         batch_size: rows (prompt copies) per ``generate`` call.
+        features_layer: if given, ``features`` is phi(x, y) [B·k, d] float32, the Q-probe feature: the
+            hidden state at that layer (0 the embeddings, i after block i, -1 after the final norm,
+            as in :func:`refimpl.lm.embed`) of the token before the last real one (the answer's last
+            token when the row stopped), read by hooks while decoding; equal up to float rounding to
+            ``lm.embed(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask,
+            layer=features_layer, before_last=True)``, without that second forward pass.
 
     Returns:
         :class:`Samples` with B·k rows, prompt-major (rows i·k … i·k+k-1 answer prompt i).
@@ -250,6 +264,9 @@ def sample(
     if top_k is not None:
         top_k = checks.integer("top_k", top_k, low=1)
     batch_size = checks.integer("batch_size", batch_size, low=1)
+    if features_layer is not None:
+        L = n_layers(model)
+        features_layer = checks.integer("features_layer", features_layer, low=-(L + 1), high=L)
     if seed is not None:
         seed = checks.integer("seed", seed, low=-(2**63), high=2**64 - 1)  # what torch.manual_seed takes
 
@@ -275,23 +292,29 @@ def sample(
     ids = enc["input_ids"].repeat_interleave(k, dim=0)  # [B*k, P]
     mask = enc["attention_mask"].repeat_interleave(k, dim=0)
 
-    chunks = []
+    stop = torch.as_tensor([] if eos is None else eos, dtype=torch.long, device=device).reshape(-1)
+    chunks, feats = [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _own_generation_config(model, blank):
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, ids.shape[0], batch_size):
-            out = model.generate(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size],
-                                 generation_config=config, logits_processor=processors)
+            # with features_layer: a hook and a processor of its own per generate call (removed on exit)
+            with contextlib.nullcontext() if features_layer is None else DecodeFeatures(model, features_layer, stop) as cap:
+                out = model.generate(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size],
+                                     generation_config=config,
+                                     logits_processor=processors if cap is None else LogitsProcessorList([*processors, cap]))
             chunks.append(out[:, ids.shape[1] :])
+            feats.append(cap and cap.feat)
     T = max(c.shape[1] for c in chunks)
     completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])
     cmask = completion_mask(completion_ids, eos)
-    stops = set(torch.as_tensor(eos).reshape(-1).tolist()) if eos is not None else set()
+    stops = set(stop.tolist())
     texts = tokenizer.batch_decode(
         [[t for t, m in zip(row, mrow) if m and t not in stops] for row, mrow in
          zip(completion_ids.tolist(), cmask.tolist())],
         skip_special_tokens=True,
     )
     index = torch.arange(len(prompts), device=device).repeat_interleave(k)
-    return Samples(ids, mask, completion_ids, cmask, texts, index, k)
+    features = None if features_layer is None else torch.cat(feats)  # [B*k, d]
+    return Samples(ids, mask, completion_ids, cmask, texts, index, k, features)

@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import checks, constraints
+from . import checks, constraints, lm
 from .particles import _resample_low_ess, ancestors, resample_index
 from .sampling import TINY_TEMPERATURE, Samples, _context_length, completion_mask, padding_side
 
@@ -73,7 +73,8 @@ class ConstrainedStep:
             log_q = torch.log_softmax((allowed - allowed.amax(-1, keepdim=True)) / self.temperature, -1)
             log_p = torch.log_softmax((logits - logits.amax(-1, keepdim=True)) / self.temperature, -1)
             return StepLogits(log_q, log_p.masked_fill(banned, float("-inf")))
-        log_gamma = torch.log_softmax(logits / self.temperature, -1).masked_fill(banned, float("-inf"))  # [N, V]
+        log_gamma = torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
+        log_gamma = log_gamma.masked_fill_(banned, float("-inf"))  # [N, V], in place: log_softmax's own output
         return StepLogits(torch.log_softmax(log_gamma, -1), log_gamma)
 
 
@@ -182,30 +183,30 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
         if seed is not None:
             torch.manual_seed(seed)
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        keep = {"logits_to_keep": 1} if lm._keeps_logits(model) else {}  # output layer on the last position only
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
         for t in range(max_new_tokens):
             kv, cache = _kv_cache(out)
             logits = out.logits[:, -1].float()  # [N, V]
             log_q, log_gamma = step(state, logits)
-            if bool((torch.isneginf(log_gamma).all(-1) & ~finished).any()):
-                raise ValueError(f"at step {t} a particle has no token with positive target mass "
-                                 "(everything is banned)")
-            log_zt = torch.where(finished, torch.zeros_like(log_w), torch.logsumexp(log_gamma, -1))  # [N] Σ_v γ_t(v)
+            log_zt = torch.logsumexp(log_gamma, -1)  # [N] log Σ_v γ_t(v); -inf when nothing has target mass
+            if bool((torch.isneginf(log_zt) & ~finished).any()):
+                raise ValueError(f"at step {t} a particle has no token with positive target mass (everything is banned)")
+            log_zt = torch.where(finished, torch.zeros_like(log_w), log_zt)
             if adapted:  # the draw's weight is known before the draw: weight on it, resample, then draw
                 ess, need, log_w, index = _resample_low_ess(log_w + log_zt, B, k, ess_threshold, resampling)
                 if index is not None:
                     state, tokens, h, logp, logq, finished, cache, logits, log_q, log_gamma, log_zt = _take(
                         (state, tokens, h, logp, logq, finished, cache, logits, log_q, log_gamma, log_zt), index)
-            safe = torch.where(finished[:, None], torch.zeros_like(log_q), log_q)  # finished rows: any draw
+            safe = log_q.masked_fill(finished[:, None], 0.0)  # finished rows: any draw
             y = torch.multinomial(torch.softmax(safe, -1), 1).squeeze(1)  # [N]
             y = torch.where(finished, torch.full_like(y, pad), y)
             live, col = ~finished, y[:, None]
             inc = log_gamma.gather(1, col).squeeze(1) - log_q.gather(1, col).squeeze(1) - (log_zt if adapted else 0)
             log_w = log_w + torch.where(live, inc, torch.zeros_like(inc))
-            lp = torch.log_softmax(logits, -1).gather(1, col).squeeze(1)
+            lp = logits.gather(1, col).squeeze(1) - torch.logsumexp(logits, -1)  # log P(y_t), no [N, V] copy
             logp = logp + torch.where(live, lp, torch.zeros_like(lp))
-            lq = log_q.gather(1, col).squeeze(1)
-            logq = logq + torch.where(live, lq, torch.zeros_like(lq))
+            logq = logq + torch.where(live, log_q.gather(1, col).squeeze(1), torch.zeros_like(logq))
             state, tokens = step.advance(state, y), torch.cat([tokens, y[:, None]], 1)
             h = h * 1_000_003 + y + 1  # a 64-bit hash of the prefix (wraps around), to count distinct ones
             finished = finished | torch.isin(y, eos)
@@ -215,15 +216,14 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
             if not adapted:
                 ess, need, log_w, index = _resample_low_ess(log_w, B, k, ess_threshold, resampling)
                 if index is not None:
-                    state, tokens, h, logp, logq, finished, cache = _take((state, tokens, h, logp, logq, finished,
-                                                                           cache), index)
+                    state, tokens, h, logp, logq, finished, cache = _take((state, tokens, h, logp, logq, finished, cache), index)
             hs = h.view(B, k).sort(-1).values
             trace.append((ess, need, (hs[:, 1:] != hs[:, :-1]).sum(-1) + 1))
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, attn.new_ones(N, 1)], 1)
             out = model(input_ids=tokens[:, -1:], attention_mask=attn, position_ids=attn.sum(1, keepdim=True) - 1,
-                        use_cache=True, **{kv: cache})
+                        use_cache=True, **{kv: cache}, **keep)
     cmask = completion_mask(tokens, eos.tolist() or None)
     stops = set(eos.tolist())
     texts = tokenizer.batch_decode([[a for a, m in zip(r, mr) if m and a not in stops] for r, mr in

@@ -13,7 +13,7 @@ LAYERS = [
     {"checks"},
     {"config"},
     {"kl", "resample", "metrics", "report"},
-    {"sampling"},
+    {"sampling", "_hidden"},
     {"lm"},
     {"worlds", "worlds.arith", "worlds.exact", "worlds.writer"},
     {"pools", "qprobe", "gvpo", "grpo", "idle", "rft", "constraints", "smc",

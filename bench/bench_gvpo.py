@@ -144,7 +144,7 @@ def run_trl(device: torch.device, shape: str, task, P: int, k: int, repeats: int
     common = dict(per_device_train_batch_size=P * k, num_generations=k, max_completion_length=new_tokens,
                   max_steps=repeats + 1, learning_rate=1e-6, report_to="none", use_cpu=device.type == "cpu",
                   save_strategy="no", logging_steps=1, bf16=False, temperature=1.0, gradient_checkpointing=False,
-                  disable_tqdm=True)
+                  disable_tqdm=True, disable_dropout=True)  # refimpl trains in eval mode (no dropout) too
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if gvpo:
@@ -196,8 +196,8 @@ def main() -> None:
     except ImportError:
         contenders, trl_note = CONTENDERS[:1], "trl is not installed: TRL contenders skipped"
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):  # contenders in turn, so that a slow spell of the machine hits all of them
-        for name in contenders:
+    for r in range(args.rounds):  # contenders in turn (so that a slow spell hits all), the order rotating by round
+        for name in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
             cmd = [sys.executable, __file__, "--only", name, "--prompts", str(args.prompts), "--k", str(args.k),
                    "--repeats", str(args.repeats), "--shape", args.shape, "--new-tokens", str(args.new_tokens)]
             cmd += (["--device", args.device] if args.device else []) + (["--threads", str(args.threads)] if args.threads else [])
@@ -227,7 +227,7 @@ def main() -> None:
         steps = [t * 1e3 for x in runs[name] for t in x["steps_s"]]
         ratios = per_round[name]
         print(f"{name:10s} {r['step_s'] * 1e3:10.1f} [{min(steps):7.1f}, {max(steps):7.1f}] "
-              f"{r['peak_bytes'] / 2**20:18.1f} {r['step_s'] / base['step_s']:24.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")
+              f"{r['peak_bytes'] / 2**20:18.1f} {statistics.median(ratios):24.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")
     print(f"sampling alone (anchor, refimpl process): {base['sample_s'] * 1e3:.1f} ms; "
           f"refimpl step / sampling: {base['step_s'] / base['sample_s']:.2f}")
 

@@ -48,15 +48,17 @@ def memory_bandwidth(device: torch.device, n_bytes: int = 256 * 2**20) -> float:
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                 warmup: int = 1) -> dict[str, list[float]]:
-    """Wall times of each ``fns[name]()`` over ``repeats`` rounds, the contenders in turn within a
-    round (so that a slow spell of a shared machine hits all of them), after ``warmup`` rounds."""
+    """Wall times of each ``fns[name]()`` over ``repeats`` rounds, after ``warmup`` rounds. The
+    contenders run in turn within a round (so that a slow spell of a shared machine hits all of
+    them), and the order rotates from round to round (so that no contender always runs first)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(time_once(fns[name], device))
     return times
 
 

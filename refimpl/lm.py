@@ -155,6 +155,12 @@ def _keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _one_logit(model) -> dict:
+    """Keyword arguments that spare the output layer when only hidden states are wanted: its logits on
+    one position instead of all P + T (at a 50k vocabulary most of a small model's pass)."""
+    return {"logits_to_keep": 1} if _keeps_logits(model) else {}
+
+
 def _sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
     """:func:`sequence_logprobs` without input checks."""
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
@@ -233,7 +239,7 @@ def embed(
     for s in range(0, completion_ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
         h = _forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
-                     output_hidden_states=True).hidden_states[layer]  # [b, P+T, d]
+                     output_hidden_states=True, **_one_logit(model)).hidden_states[layer]  # [b, P+T, d]
         last = _last_token_index(P, completion_mask[sl], before_last)  # [b]
         out.append(h[torch.arange(h.shape[0], device=h.device), last].float())
     return torch.cat(out)
@@ -263,7 +269,7 @@ def embed_layers(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids:
             sl = slice(s, s + batch_size)
             seen.clear()
             hs = _forward(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
-                          output_hidden_states=True).hidden_states  # n_layers + 1 entries, the last after the norm
+                          output_hidden_states=True, **_one_logit(model)).hidden_states  # n_layers + 1, last after the norm
             h = torch.stack([*hs[:-1], seen[-1], hs[-1]], 1)  # [b, n_layers + 2, P+T, d]
             rows = torch.arange(h.shape[0], device=h.device)
             picks = [h[rows, :, _last_token_index(P, completion_mask[sl], b)].float()  # [b, n_layers + 2, d]

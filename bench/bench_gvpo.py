@@ -54,11 +54,7 @@ def _task(args):
         prompts, targets = arith.prompts("train")
         return prompts[: args.prompts], targets[: args.prompts], arith.reward, arith.MAX_NEW_TOKENS
     tok = shapes.tokenizer(shapes.config(args.shape).vocab_size)
-
-    def even_share(texts, targets):
-        return torch.tensor([sum(int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts])
-
-    return shapes.prompts(tok, args.prompts), [0] * args.prompts, even_share, args.new_tokens
+    return shapes.prompts(tok, args.prompts), [0] * args.prompts, shapes.even_share, args.new_tokens
 
 
 def _rss_bytes() -> int:

@@ -45,11 +45,7 @@ def main() -> None:
     if a.what == "gvpo":
         ref, _ = shapes.load(a.shape, device)
         cfg = rl.RLConfig(k=k, prompts_per_step=len(xs), steps=1, lr=1e-6, max_new_tokens=a.new_tokens)
-
-        def reward(texts, targets):
-            return torch.tensor([sum(int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts])
-
-        call = lambda: rl.train(model, ref, tok, xs, [0] * len(xs), reward, cfg)  # noqa: E731
+        call = lambda: rl.train(model, ref, tok, xs, [0] * len(xs), shapes.even_share, cfg)  # noqa: E731
     else:
         call = {
             "sample": lambda: lm.sample(model, tok, xs, k=k, seed=0, **kw),

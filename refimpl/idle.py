@@ -52,17 +52,20 @@ def _banned_mask(banned_ids: tuple[int, ...], vocab_size: int, device) -> Tensor
     return mask.to(device)
 
 
+def _exclude(s: Tensor, banned: Tensor, banned_index: Tensor | None = None) -> Tensor:
+    """A copy of ``s`` with -inf on the banned tokens: by index when the banned set is fixed."""
+    if banned_index is not None:
+        return s.index_fill(-1, banned_index, float("-inf"))
+    return s.masked_fill(banned, float("-inf"))
+
+
 def _renormalize(logits: Tensor, banned: Tensor, banned_index: Tensor | None = None) -> Tensor:
     """log Q = log_softmax over allowed tokens, -inf on banned ones; float32.
 
     ``banned_index`` (the ids of a fixed [V] mask ``banned``) writes -inf into those columns only,
     one copy of the row and no pass over a mask: cheaper than ``masked_fill`` at a large vocabulary.
     """
-    if banned_index is not None:
-        masked = logits.float().index_fill(-1, banned_index, float("-inf"))  # [..., V]
-    else:
-        masked = logits.float().masked_fill(banned, float("-inf"))
-    return torch.log_softmax(masked, dim=-1)  # = log P - log Z_t on allowed tokens
+    return torch.log_softmax(_exclude(logits.float(), banned, banned_index), dim=-1)  # = log P - log Z_t on allowed
 
 
 def _no_allowed_row(out: Tensor) -> None:  # raises
@@ -79,10 +82,8 @@ def _log_allowed_share(s: Tensor, banned: Tensor, banned_index: Tensor | None = 
     Stable at any Z_t (a banned set holding nearly all the mass included), and with a fixed banned
     set (``banned_index``) the banned log-sum-exp reads only those |B| columns: one pass over the row.
     """
-    if banned_index is not None:
-        allowed, excluded = s.index_fill(-1, banned_index, float("-inf")), s.index_select(-1, banned_index)
-    else:
-        allowed, excluded = s.masked_fill(banned, float("-inf")), s.masked_fill(~banned, float("-inf"))
+    allowed = _exclude(s, banned, banned_index)
+    excluded = s.index_select(-1, banned_index) if banned_index is not None else s.masked_fill(~banned, float("-inf"))
     return -torch.nn.functional.softplus(torch.logsumexp(excluded, -1) - torch.logsumexp(allowed, -1))
 
 

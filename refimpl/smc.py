@@ -183,7 +183,7 @@ def smc(model, tokenizer, prompts: Sequence[str], step, k: int = 8, max_new_toke
         if seed is not None:
             torch.manual_seed(seed)
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        keep = {"logits_to_keep": 1} if lm._keeps_logits(model) else {}  # output layer on the last position only
+        keep = lm._one_logit(model)  # the output layer on the last position only (the prefill's prompt included)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
         for t in range(max_new_tokens):
             kv, cache = _kv_cache(out)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import checks
 
-__all__ = ["gvpo_weights", "gvpo_loss", "gvpo_loss_terms", "check_groups"]
+__all__ = ["gvpo_weights", "gvpo_loss", "gvpo_loss_terms", "check_groups", "token_mean_optimum"]
 
 
 def check_groups(**tensors: Tensor) -> None:
@@ -139,3 +139,45 @@ def gvpo_loss_terms(logp: Tensor, logp_anchor: Tensor, rewards: Tensor, beta: fl
         beta2 = beta**2 if beta < 1e150 else float("inf")  # (a Python float's ** raises on overflow)
         loss = loss + 0.5 * beta2 * rho.pow(2).sum(1) / (k - 1)
     return _fits("the loss", loss.mean())
+
+
+def token_mean_optimum(logp_ref: Tensor, reward: Tensor, lengths: Tensor, beta: float) -> Tensor:
+    r"""Where GVPO stops when rho is the token mean rho(y)/L(y) instead of the sum (finite support).
+
+    The loss is zero exactly when beta·rho(y)/L(y) - R(y) is the same for every y of a prompt, so
+
+        log pi(y) = log pi_ref(y) + L(y)·(R(y) + c)/beta,   c such that sum_y pi(y) = 1:     (tm)
+
+    a tilt of strength L(y)/beta, stronger on long completions. With every length equal to L it is
+    the optimum pi* at beta/L, not at beta; it is pi* only when every L(y) = 1. The log-normaliser of
+    (tm) increases in c and changes sign on [-max R, -min R]; c is found there by bisection.
+
+    Args:
+        logp_ref: [P, N] log pi_ref (-inf off its support), each row summing to 1.
+        reward: [P, N] finite R(x, y).
+        lengths: [P, N] integer completion lengths L(y) >= 1.
+        beta: KL coefficient, > 0.
+
+    Returns:
+        [P, N] log pi of (tm), float64.
+    """
+    beta = checks.beta(beta)
+    checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
+    checks.tensor("reward", reward, dims=2, floating=True)
+    checks.tensor("lengths", lengths, dims=2, integral=True)
+    checks.same_shape(logp_ref=logp_ref, reward=reward, lengths=lengths)
+    checks.same_device(logp_ref=logp_ref, reward=reward, lengths=lengths)
+    checks.nonempty("logp_ref", logp_ref)
+    checks.finite("logp_ref", logp_ref, allow_neg_inf=True)
+    checks.finite("reward", reward)
+    if bool((lengths < 1).any()):
+        raise ValueError(f"lengths must be >= 1, got a minimum of {int(lengths.min())}")
+    lp, r, n = logp_ref.double(), reward.double(), lengths.double()
+    tilted = lambda c: lp + n * (r + c) / beta  # noqa: E731  # [P, N] unnormalised log pi of (tm)
+    lo, hi = -r.amax(-1, keepdim=True), -r.amin(-1, keepdim=True)  # [P, 1]: log-normaliser <= 0 at lo, >= 0 at hi
+    for _ in range(200):  # the bracket halves each time: 200 halvings reach float64's resolution
+        mid = 0.5 * (lo + hi)
+        above = torch.logsumexp(tilted(mid), -1, keepdim=True) > 0
+        lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+    out = tilted(0.5 * (lo + hi))
+    return out - torch.logsumexp(out, -1, keepdim=True)

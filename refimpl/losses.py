@@ -44,8 +44,9 @@ class GroupBatch:
 
 
 def _gvpo(b: GroupBatch, c: "RLConfig") -> Tensor:
-    anchor = (b.ref_tok if c.anchor == "reference" else b.start_tok).sum(-1)  # [P, k]
-    logp = b.logp_tok.sum(-1)
+    length = b.mask.sum(-1).clamp(min=1) if c.gvpo_rho == "token_mean" else 1  # [P, k]: rho / L(y), or rho
+    anchor = (b.ref_tok if c.anchor == "reference" else b.start_tok).sum(-1) / length  # [P, k]
+    logp = b.logp_tok.sum(-1) / length
     if c.gvpo_terms == "both":
         loss = _gvpo_loss(logp, anchor, b.rewards, c.beta)
     else:  # the paper's ablations: one of the two terms of ½Var(R) - beta Cov(R, rho) + ½beta² Var(rho)
@@ -78,7 +79,7 @@ class Loss(NamedTuple):
 
 
 LOSSES: dict[str, Loss] = {
-    "gvpo": Loss(_gvpo, ("anchor", "beta", "gvpo_terms", "gvpo_reduction")),
+    "gvpo": Loss(_gvpo, ("anchor", "beta", "gvpo_terms", "gvpo_reduction", "gvpo_rho")),
     "grpo": Loss(_grpo, ("clip_eps", "kl_coef")),
     "dr_grpo": Loss(_dr_grpo, ("clip_eps",)),
     "kl_pg": Loss(_kl_pg, ("beta", "kl_estimator", "kl_baseline", "kl_level")),

@@ -46,6 +46,7 @@ class RLConfig:
     beta: float = 0.1  # KL coefficient of GVPO and KL-PG, > 0
     gvpo_terms: str = "both"  # GVPO ablations: "both", or only the "covariance" or the "variance" term
     gvpo_reduction: str = "mean"  # GVPO over groups: "mean" (this book) or "sum" (the authors' code)
+    gvpo_rho: str = "sum"  # GVPO's log-ratio over a completion's tokens: "sum" (the authors') or "token_mean"
     clip_eps: float = 0.2  # GRPO / Dr. GRPO clip range, in (0, 1)
     kl_coef: float = 0.0  # GRPO's k3 penalty weight, >= 0
     kl_estimator: str = "k1_reward"  # KL-PG: how the penalty is coded, one of refimpl.klest.ESTIMATORS
@@ -69,6 +70,7 @@ class RLConfig:
         checks.choice("config.anchor", self.anchor, ("reference", "old"))
         checks.choice("config.gvpo_terms", self.gvpo_terms, ("both", "covariance", "variance"))
         checks.choice("config.gvpo_reduction", self.gvpo_reduction, ("mean", "sum"))
+        checks.choice("config.gvpo_rho", self.gvpo_rho, ("sum", "token_mean"))
         checks.choice("config.kl_estimator", self.kl_estimator, klest.ESTIMATORS)
         checks.choice("config.kl_level", self.kl_level, klest.LEVELS)
         checks.choice("config.kl_baseline", self.kl_baseline, klpg.BASELINES)

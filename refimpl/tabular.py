@@ -26,7 +26,7 @@ class TabularRun(NamedTuple):
 
 
 def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: str = "policy",
-                  anchor_every: int = 1) -> TabularRun:
+                  anchor_every: int = 1, lengths: Tensor | None = None) -> TabularRun:
     r"""Train logits theta [P, N] (initialised at log pi_ref) on k sampled completions per prompt.
 
     1. sample k indices per prompt from ``sampling``: "policy" (on-policy pi_theta), "uniform",
@@ -38,6 +38,10 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
     3. one SGD step (``config.lr``) on P times the configured loss (prompts have separate logits,
        so each prompt gets the step size of a lone group).
 
+    With ``lengths`` (completion y has L(y) "tokens"), each log-prob is spread evenly over its L(y)
+    tokens: sums over tokens are the completion's log-prob, token means are it divided by L(y)
+    (``gvpo_rho="token_mean"``), and a per-token ratio is the completion's ratio to the power 1/L(y).
+
     With ``anchor="old"`` and a large ``anchor_every``, each period solves GVPO's problem around
     the policy at its start: a mirror-descent (trust-region) step pi_next ∝ pi_start·exp(R/beta).
 
@@ -46,6 +50,7 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
         config: :class:`refimpl.rl.RLConfig` (its LM-only fields must stay at their defaults).
         sampling: where the k completions come from.
         anchor_every: steps between refreshes of the "old" anchor, >= 1.
+        lengths: [P, N] integer lengths L(y) >= 1 (default: every completion one token).
 
     Returns:
         :class:`TabularRun`.
@@ -69,6 +74,14 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
                  "max_new_tokens", "temperature"):
         if getattr(config, name) != getattr(defaults, name):
             raise ValueError(f"config.{name} does not apply to train_tabular (one SGD step per sampled batch)")
+    if lengths is None:
+        lengths = torch.ones_like(logp_ref, dtype=torch.long)
+    checks.tensor("lengths", lengths, dims=2, integral=True)
+    checks.same_shape(logp_ref=logp_ref, lengths=lengths)
+    checks.same_device(logp_ref=logp_ref, lengths=lengths)
+    if bool((lengths < 1).any()):
+        raise ValueError(f"lengths must be >= 1, got a minimum of {int(lengths.min())}")
+    t_max = int(lengths.max())
     theta = torch.nn.Parameter(logp_ref.detach().clone())  # [P, N]
     opt = torch.optim.SGD([theta], lr=config.lr)
     g = torch.Generator(device=logp_ref.device).manual_seed(config.seed)
@@ -85,10 +98,11 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
         except RuntimeError as e:  # the policy's probabilities are no longer finite
             raise ValueError(f"train_tabular diverged at step {step} (pi_theta is not finite): lower config.lr "
                              "or rescale reward") from e
-        one = lambda t: t[rows, idx].unsqueeze(-1)  # [P, N] -> [P, k, 1]: one "token" per completion
-        tok = one(logp_all)
-        batch = GroupBatch(tok, one(sampler), one(start_all), one(logp_ref), torch.ones_like(tok),
-                           reward[rows, idx], max_tokens=1)
+        n_tok = lengths[rows, idx].unsqueeze(-1)  # [P, k, 1]
+        mask = (torch.arange(t_max, device=logp_ref.device) < n_tok).to(logp_ref.dtype)  # [P, k, T]
+        spread = lambda t: (t[rows, idx].unsqueeze(-1) / n_tok).masked_fill(mask == 0, 0.0)  # noqa: E731  # [P, k, T]
+        batch = GroupBatch(spread(logp_all), spread(sampler), spread(start_all), spread(logp_ref), mask,
+                           reward[rows, idx], max_tokens=t_max)
         value = LOSSES[config.loss].fn(batch, config)
         opt.zero_grad(set_to_none=True)
         (value * logp_ref.shape[0]).backward()

@@ -142,6 +142,17 @@ def same_shape(**tensors: Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}")
 
 
+def lengths(name: str, value: Any, like: Tensor) -> Tensor:
+    """``value`` if it is an integer tensor of ``like``'s shape and device with every entry >= 1
+    (completion lengths in tokens). Reads one boolean from the device."""
+    tensor(name, value, integral=True)
+    same_shape(**{"the log-probabilities": like, name: value})
+    same_device(**{"the log-probabilities": like, name: value})
+    if bool((value < 1).any()):
+        raise ValueError(f"{name} must be >= 1, got a minimum of {int(value.min())}")
+    return value
+
+
 def _same(a: torch.device, b: torch.device) -> bool:
     """One device: ``cuda`` (no index, as a generator may report it) matches any ``cuda:i``."""
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

@@ -153,7 +153,7 @@ def token_mean_optimum(logp_ref: Tensor, reward: Tensor, lengths: Tensor, beta: 
     (tm) increases in c and changes sign on [-max R, -min R]; c is found there by bisection.
 
     Args:
-        logp_ref: [P, N] log pi_ref (-inf off its support), each row summing to 1.
+        logp_ref: [P, N] log pi_ref (-inf off its support; normalised here).
         reward: [P, N] finite R(x, y).
         lengths: [P, N] integer completion lengths L(y) >= 1.
         beta: KL coefficient, > 0.
@@ -164,15 +164,15 @@ def token_mean_optimum(logp_ref: Tensor, reward: Tensor, lengths: Tensor, beta: 
     beta = checks.beta(beta)
     checks.tensor("logp_ref", logp_ref, dims=2, floating=True)
     checks.tensor("reward", reward, dims=2, floating=True)
-    checks.tensor("lengths", lengths, dims=2, integral=True)
-    checks.same_shape(logp_ref=logp_ref, reward=reward, lengths=lengths)
-    checks.same_device(logp_ref=logp_ref, reward=reward, lengths=lengths)
+    checks.same_shape(logp_ref=logp_ref, reward=reward)
+    checks.same_device(logp_ref=logp_ref, reward=reward)
+    checks.lengths("lengths", lengths, like=logp_ref)
     checks.nonempty("logp_ref", logp_ref)
     checks.finite("logp_ref", logp_ref, allow_neg_inf=True)
     checks.finite("reward", reward)
-    if bool((lengths < 1).any()):
-        raise ValueError(f"lengths must be >= 1, got a minimum of {int(lengths.min())}")
-    lp, r, n = logp_ref.double(), reward.double(), lengths.double()
+    if bool(torch.isneginf(logp_ref).all(-1).any()):
+        raise ValueError("logp_ref has a row that is -inf everywhere: pi_ref puts no mass anywhere")
+    lp, r, n = torch.log_softmax(logp_ref.double(), -1), reward.double(), lengths.double()
     tilted = lambda c: lp + n * (r + c) / beta  # noqa: E731  # [P, N] unnormalised log pi of (tm)
     lo, hi = -r.amax(-1, keepdim=True), -r.amin(-1, keepdim=True)  # [P, 1]: log-normaliser <= 0 at lo, >= 0 at hi
     for _ in range(200):  # the bracket halves each time: 200 halvings reach float64's resolution

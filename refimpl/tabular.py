@@ -76,11 +76,7 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
             raise ValueError(f"config.{name} does not apply to train_tabular (one SGD step per sampled batch)")
     if lengths is None:
         lengths = torch.ones_like(logp_ref, dtype=torch.long)
-    checks.tensor("lengths", lengths, dims=2, integral=True)
-    checks.same_shape(logp_ref=logp_ref, lengths=lengths)
-    checks.same_device(logp_ref=logp_ref, lengths=lengths)
-    if bool((lengths < 1).any()):
-        raise ValueError(f"lengths must be >= 1, got a minimum of {int(lengths.min())}")
+    checks.lengths("lengths", lengths, like=logp_ref)
     t_max = int(lengths.max())
     theta = torch.nn.Parameter(logp_ref.detach().clone())  # [P, N]
     opt = torch.optim.SGD([theta], lr=config.lr)
@@ -99,10 +95,10 @@ def train_tabular(logp_ref: Tensor, reward: Tensor, config: RLConfig, sampling: 
             raise ValueError(f"train_tabular diverged at step {step} (pi_theta is not finite): lower config.lr "
                              "or rescale reward") from e
         n_tok = lengths[rows, idx].unsqueeze(-1)  # [P, k, 1]
-        mask = (torch.arange(t_max, device=logp_ref.device) < n_tok).to(logp_ref.dtype)  # [P, k, T]
-        spread = lambda t: (t[rows, idx].unsqueeze(-1) / n_tok).masked_fill(mask == 0, 0.0)  # noqa: E731  # [P, k, T]
-        batch = GroupBatch(spread(logp_all), spread(sampler), spread(start_all), spread(logp_ref), mask,
-                           reward[rows, idx], max_tokens=t_max)
+        pad = torch.arange(t_max, device=logp_ref.device) >= n_tok  # [P, k, T]: past the completion's end
+        spread = lambda t: (t[rows, idx].unsqueeze(-1) / n_tok).masked_fill(pad, 0.0)  # noqa: E731  # [P, k, T]
+        batch = GroupBatch(spread(logp_all), spread(sampler), spread(start_all), spread(logp_ref),
+                           (~pad).to(logp_ref.dtype), reward[rows, idx], max_tokens=t_max)
         value = LOSSES[config.loss].fn(batch, config)
         opt.zero_grad(set_to_none=True)
         (value * logp_ref.shape[0]).backward()

@@ -89,3 +89,12 @@ def test_gvpo_rho_is_checked():
         RLConfig(loss="grpo", gvpo_rho="token_mean")
     with pytest.raises(ValueError, match="beta"):
         gvpo.token_mean_optimum(*world(), 0.0)
+
+
+def test_token_mean_optimum_normalises_pi_ref_and_refuses_an_empty_row():
+    logp_ref, reward, lengths = world()
+    torch.testing.assert_close(gvpo.token_mean_optimum(logp_ref + 3.0, reward, lengths, 1.0),
+                               gvpo.token_mean_optimum(logp_ref, reward, lengths, 1.0), atol=1e-12, rtol=0)
+    logp_ref[1] = float("-inf")
+    with pytest.raises(ValueError, match="logp_ref"):
+        gvpo.token_mean_optimum(logp_ref, reward, lengths, 1.0)
